@@ -1,0 +1,51 @@
+"""The ClientApp: answer enrollment with this client's data summary, and train
+rounds with the configured method. Its only state, the run config, lives in the
+node's Flower context."""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedtune import wire
+from fedtune.app.server import RECORD
+from fedtune.config import RunConfig
+from fedtune.methods import get_method
+from fedtune.task import client_data, client_name, config_from_json, derive_seed, load_model
+
+app = ClientApp()
+
+
+def _partition_id(context: Context) -> int:
+    return int(context.node_config["partition-id"])
+
+
+def _config(context: Context) -> RunConfig:
+    return config_from_json(str(context.state[RECORD]["config"]))
+
+
+@app.query()
+def enroll(msg: Message, context: Context) -> Message:
+    config_json = str(msg.content[RECORD]["config"])
+    context.state[RECORD] = ConfigRecord({"config": config_json})
+    config = config_from_json(config_json)
+    pid = _partition_id(context)
+    data = client_data(config, pid)
+    histogram = np.bincount(data.labels, minlength=len(data.label_names))
+    reply = ConfigRecord({"client": client_name(pid), "histogram": histogram.tolist()})
+    return Message(RecordDict({RECORD: reply}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    config = _config(context)
+    pid = _partition_id(context)
+    down = wire.decode(msg.content[RECORD]["payload"])
+    method = get_method(config)
+    result = method.client_train(
+        load_model(config), down.tensors, client_data(config, pid), derive_seed(config.run.seed, down.round, pid)
+    )
+    up = wire.Payload(method.name, down.round, client_name(pid), result.tensors, result.num_examples)
+    content = RecordDict({RECORD: ConfigRecord({"payload": wire.encode(up)}), "metrics": MetricRecord(result.metrics)})
+    return Message(content, reply_to=msg)

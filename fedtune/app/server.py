@@ -1,0 +1,180 @@
+"""The ServerApp: enroll clients, then per round send each sampled client its
+downlink, collect uplinks, let the method aggregate, evaluate, and record.
+
+It holds no algorithm: the method aggregates, the ledger counts, the report writes.
+The same code runs under `fedtune run` (simulation) and `flwr run` (any federation).
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+from tqdm import tqdm
+
+from fedtune import report, wire
+from fedtune.config import RunConfig, load_config
+from fedtune.data import majority_class_accuracy
+from fedtune.errors import FedtuneError
+from fedtune.ledger import Ledger, Transfer, content_bytes
+from fedtune.methods import ClientUpdate, get_method
+from fedtune.partition import partition_summary
+from fedtune.task import config_to_json, load_model, load_splits
+from fedtune.training import evaluate
+
+log = logging.getLogger("fedtune")
+RECORD = "fedtune"  # key of our ConfigRecord in every Flower message
+
+
+def serve(grid: Grid, config: RunConfig, run_dir: Path) -> dict:
+    """Run the whole federated job; returns the summary also written to summary.json."""
+    started = time.perf_counter()
+    method = get_method(config)
+    train, test = load_splits(config)
+    classifier = load_model(config)
+    method.server_init(classifier)
+    nodes = _enroll(grid, config, train.label_names)
+
+    ledger = Ledger(run_dir / "ledger.jsonl")
+    zero_shot = evaluate(method.server_model(), classifier, test, config.train.eval_batch_size)
+    baselines = {"zero_shot_accuracy": zero_shot.accuracy, "majority_accuracy": majority_class_accuracy(train.labels, test.labels)}
+    rows = [report.round_row(0, zero_shot, ledger, started, {})]
+    report.append_metrics(run_dir, rows[-1])
+    report.print_round(rows[-1], baselines)
+
+    per_round = config.federation.clients_per_round or len(nodes)
+    bar = tqdm(total=config.run.rounds * per_round, desc="client rounds", unit="client", leave=False)
+    for rnd in range(1, config.run.rounds + 1):
+        sampled = _sample_clients(sorted(nodes), per_round, config.run.seed, rnd)
+        updates, train_metrics = _train_round(grid, config, method, rnd, {c: nodes[c] for c in sampled}, ledger, bar)
+        if not updates:
+            raise RuntimeError(f"round {rnd}: no client returned an update; see the log above")
+        method.server_aggregate(sorted(updates, key=lambda u: u.client))
+        result = evaluate(method.server_model(), classifier, test, config.train.eval_batch_size)
+        rows.append(report.round_row(rnd, result, ledger, started, train_metrics))
+        report.append_metrics(run_dir, rows[-1])
+        report.print_round(rows[-1], baselines)
+    bar.close()
+
+    summary = report.summarize(config, rows, ledger, baselines, time.perf_counter() - started)
+    report.finish(run_dir, rows, summary)
+    return summary
+
+
+def _enroll(grid: Grid, config: RunConfig, label_names: list[str]) -> dict[str, int]:
+    """Hand every node the run config; learn which client (partition) each node is."""
+    wanted = config.partition.num_clients
+    deadline = time.monotonic() + config.federation.timeout_s
+    while len(node_ids := sorted(grid.get_node_ids())) < wanted:
+        if time.monotonic() > deadline:
+            raise FedtuneError(f"only {len(node_ids)} of {wanted} clients connected within federation.timeout_s")
+        time.sleep(1.0)
+    content = RecordDict({RECORD: ConfigRecord({"config": config_to_json(config)})})
+    messages = [Message(content, dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids]
+    nodes, parts, labels = {}, [], []
+    for reply in _collect(grid, messages, config.federation.timeout_s):
+        if reply.has_error():
+            raise RuntimeError(f"client on node {reply.metadata.src_node_id} failed to enroll: {reply.error.reason}")
+        record = reply.content[RECORD]
+        nodes[str(record["client"])] = reply.metadata.src_node_id
+        histogram = np.asarray(record["histogram"], dtype=np.int64)
+        parts.append(np.arange(len(labels), len(labels) + histogram.sum()))
+        labels.extend(np.repeat(np.arange(len(histogram)), histogram))
+    if len(nodes) < wanted:
+        raise RuntimeError(f"only {len(nodes)} of {wanted} clients enrolled")
+    print(partition_summary(parts, np.asarray(labels, dtype=np.int64), label_names), flush=True)
+    return nodes
+
+
+def _sample_clients(clients: list[str], count: int, seed: int, rnd: int) -> list[str]:
+    if count >= len(clients):
+        return clients
+    rng = np.random.default_rng([seed, rnd])
+    return sorted(rng.choice(clients, size=count, replace=False).tolist())
+
+
+def _train_round(
+    grid: Grid,
+    config: RunConfig,
+    method,
+    rnd: int,
+    clients: dict[str, int],
+    ledger: Ledger,
+    bar: tqdm,
+) -> tuple[list[ClientUpdate], dict[str, float]]:
+    messages, name_of = [], {}
+    for client, node_id in clients.items():
+        payload = wire.encode(wire.Payload(method.name, rnd, client, method.server_downlink(client)))
+        content = RecordDict({RECORD: ConfigRecord({"payload": payload, "round": rnd})})
+        ledger.record(Transfer(rnd, client, "down", len(payload), content_bytes(content)))
+        messages.append(Message(content, dst_node_id=node_id, message_type=MessageType.TRAIN, group_id=str(rnd)))
+        name_of[node_id] = client
+
+    updates, losses = [], []
+    for reply in _collect(grid, messages, config.federation.timeout_s, on_reply=lambda: bar.update(1)):
+        client = name_of[reply.metadata.src_node_id]
+        if reply.has_error():
+            log.warning("round %d: %s dropped: %s", rnd, client, reply.error.reason)
+            continue
+        data = reply.content[RECORD]["payload"]
+        try:
+            up = wire.decode(data)
+        except wire.PayloadError as exc:
+            log.warning("round %d: %s dropped: malformed payload: %s", rnd, client, exc)
+            continue
+        ledger.record(Transfer(rnd, client, "up", len(data), content_bytes(reply.content)))
+        updates.append(ClientUpdate(client, up.tensors, up.num_examples))
+        losses.append(float(reply.content["metrics"]["train_loss"]))
+    return updates, {"train_loss": float(np.mean(losses))} if losses else {}
+
+
+def _collect(
+    grid: Grid, messages: list[Message], timeout: float, on_reply: Callable[[], None] = lambda: None
+) -> list[Message]:
+    """Push messages, pull replies as they arrive (so progress shows per client)."""
+    pending = set(grid.push_messages(messages))
+    deadline = time.monotonic() + timeout
+    replies = []
+    while pending and time.monotonic() < deadline:
+        for reply in grid.pull_messages(pending):
+            pending.discard(reply.metadata.reply_to_message_id)
+            replies.append(reply)
+            on_reply()
+        time.sleep(0.05)
+    if pending:
+        log.warning("%d client(s) did not reply within %.0f s", len(pending), timeout)
+    return replies
+
+
+# -- entry points ----------------------------------------------------------------
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """`flwr run`: the config path and overrides come from the app's run config."""
+    overrides = shlex.split(str(context.run_config.get("overrides", "")))
+    config = load_config(str(context.run_config["config"]), overrides)
+    serve(grid, config, report.create_run_dir(config))
+
+
+def make_server_app(config: RunConfig, run_dir: Path, outcome: dict) -> ServerApp:
+    """`fedtune run`: a ServerApp bound to an already validated config. ``outcome``
+    receives the summary, or the exception, since the simulation swallows both."""
+    server = ServerApp()
+
+    @server.main()
+    def _main(grid: Grid, context: Context) -> None:
+        try:
+            outcome["summary"] = serve(grid, config, run_dir)
+        except BaseException as exc:  # handed to the CLI thread, which reports it
+            outcome["error"] = exc
+
+    return server

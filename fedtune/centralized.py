@@ -1,0 +1,26 @@
+"""The centralized reference: the same model, LoRA and data, pooled on one machine,
+trained on as many examples as the whole federated run processes."""
+
+from __future__ import annotations
+
+from fedtune.config import RunConfig
+from fedtune.methods.lora import wrap_with_lora
+from fedtune.task import derive_seed, load_model, load_splits
+from fedtune.training import EvalResult, evaluate, train_steps
+
+
+def centralized_steps(config: RunConfig) -> int:
+    """Optimizer steps that process the federated run's examples: rounds x sampled
+    clients x local steps, at the same batch size."""
+    clients = config.federation.clients_per_round or config.partition.num_clients
+    return config.run.rounds * clients * config.train.local_steps
+
+
+def run_centralized(config: RunConfig) -> EvalResult:
+    train, test = load_splits(config)
+    classifier = load_model(config)
+    model = wrap_with_lora(classifier, config.lora, config.run.seed)
+    t = config.train
+    seed = derive_seed(config.run.seed, 0, 1 << 20)  # not any client's (round, partition) seed
+    train_steps(model, classifier, train, centralized_steps(config), t.batch_size, t.lr, t.weight_decay, seed)
+    return evaluate(model, classifier, test, t.eval_batch_size)

@@ -1,0 +1,68 @@
+"""`fedtune` command line: parse, validate, run, and turn user mistakes into one line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from fedtune.errors import FedtuneError
+
+# Nothing may reach for the network at run time: no hub downloads, no telemetry.
+for key, value in {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+}.items():
+    os.environ.setdefault(key, value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fedtune", description="Federated fine-tuning of language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a federated fine-tuning simulation")
+    run.add_argument("config", nargs="?", help="TOML config (default: built-in defaults)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                     help="override one config key; repeatable")
+    run.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except FedtuneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; finished rounds are in the run directory", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    from fedtune import report
+    from fedtune.centralized import centralized_steps, run_centralized
+    from fedtune.config import load_config
+    from fedtune.methods import get_method
+    from fedtune.simulation import run_simulation
+    from fedtune.task import client_partitions, load_model
+
+    config = load_config(args.config, args.overrides)
+    # Preflight in this process: every user mistake surfaces here as one line,
+    # before Ray starts, and a GGUF model is converted once, not once per client.
+    client_partitions(config)
+    get_method(config).server_init(load_model(config))
+
+    run_dir = report.create_run_dir(config)
+    print(f"run directory: {run_dir}", flush=True)
+    summary = run_simulation(config, run_dir, verbose=args.verbose)
+    if config.run.centralized_baseline:
+        print(f"centralized baseline: {centralized_steps(config)} steps on the pooled data ...", flush=True)
+        summary = report.add_centralized(run_dir, run_centralized(config), centralized_steps(config))
+    print(report.summary_table(summary))
+    print(f"results: {run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

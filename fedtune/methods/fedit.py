@@ -1,0 +1,43 @@
+"""FedIT: plain LoRA on every client, FedAvg of A and B separately (Zhang et al., 2024).
+
+Averaging A and B separately is not the average of the products B_k A_k; the
+exact methods (FFA-LoRA, FLoRA, Fed-SB) exist because of that gap."""
+
+from __future__ import annotations
+
+from peft import PeftModel
+
+from fedtune.data import TextDataset
+from fedtune.methods.base import ClientUpdate, LocalResult, Method
+from fedtune.methods.lora import load_trainable_state, trainable_state, weighted_average, wrap_with_lora
+from fedtune.models import Classifier
+from fedtune.training import train_steps
+from fedtune.wire import TensorDict
+
+
+class FedIT(Method):
+    name = "fedit"
+
+    def server_init(self, classifier: Classifier) -> None:
+        self.model: PeftModel = wrap_with_lora(classifier, self.config.lora, self.config.run.seed)
+        self.global_tensors = trainable_state(self.model)
+
+    def server_downlink(self, client: str) -> TensorDict:
+        return self.global_tensors
+
+    def server_aggregate(self, updates: list[ClientUpdate]) -> None:
+        self.global_tensors = weighted_average(updates)
+        load_trainable_state(self.model, self.global_tensors)
+
+    def server_model(self) -> PeftModel:
+        return self.model
+
+    def client_train(
+        self, classifier: Classifier, downlink: TensorDict, data: TextDataset, seed: int
+    ) -> LocalResult:
+        model = wrap_with_lora(classifier, self.config.lora, seed)
+        load_trainable_state(model, downlink)
+        t = self.config.train
+        loss = train_steps(model, classifier, data, t.local_steps, t.batch_size, t.lr, t.weight_decay, seed)
+        # FedAvg weights by local dataset size, not by examples processed.
+        return LocalResult(trainable_state(model), len(data), {"train_loss": loss})

@@ -1,0 +1,61 @@
+"""LoRA plumbing shared by the adapter methods: wrap a classifier, read and write
+its trainable tensors by name, average them."""
+
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.utils.error import NoMatchingPeftModuleError
+
+from fedtune.config import LoraSection
+from fedtune.errors import FedtuneError
+from fedtune.methods.base import ClientUpdate
+from fedtune.models import Classifier
+from fedtune.wire import TensorDict
+
+
+def wrap_with_lora(classifier: Classifier, cfg: LoraSection, seed: int) -> PeftModel:
+    """Inject LoRA into ``cfg.target_modules`` (empty: PEFT's default for the
+    architecture, the attention query and value projections); the classifier head
+    is trained in full. The seed fixes the random init of A."""
+    torch.manual_seed(seed)
+    config = LoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=list(cfg.target_modules) or None,
+        modules_to_save=[classifier.head_name],
+    )
+    try:
+        return get_peft_model(classifier.model, config)
+    except (NoMatchingPeftModuleError, ValueError) as exc:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in classifier.model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise FedtuneError(
+            f"lora.target_modules {list(cfg.target_modules)} fits no layer of this model "
+            f"({type(exc).__name__}); its linear layers are: {', '.join(linear)}"
+        ) from None
+
+
+def trainable_state(model: torch.nn.Module) -> TensorDict:
+    """Copies of the trainable tensors, keyed by parameter name."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model: torch.nn.Module, tensors: TensorDict) -> None:
+    """Overwrite trainable parameters in place; names and shapes must match exactly."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if params.keys() != tensors.keys():
+        missing, extra = sorted(params.keys() - tensors.keys()), sorted(tensors.keys() - params.keys())
+        raise ValueError(f"adapter tensors do not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(tensors[name])
+
+
+def weighted_average(updates: list[ClientUpdate]) -> TensorDict:
+    """FedAvg: sum_k (n_k / n) * x_k for every tensor name, in a fixed client order."""
+    total = sum(u.num_examples for u in updates)
+    return {
+        name: sum((u.num_examples / total) * u.tensors[name] for u in updates)
+        for name in updates[0].tensors
+    }

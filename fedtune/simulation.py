@@ -1,0 +1,47 @@
+"""`fedtune run`: the ServerApp and ClientApp in Flower's simulation engine (Ray)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from fedtune.config import RunConfig
+
+
+def quiet_flower(verbose: bool) -> None:
+    """Flower and Ray log every message at INFO; fedtune prints its own progress."""
+    level = logging.INFO if verbose else logging.WARNING
+    logging.getLogger("flwr").setLevel(level)
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+def run_simulation(config: RunConfig, run_dir: Path, verbose: bool = False) -> dict:
+    """Run the federated job; returns its summary or raises what the ServerApp raised."""
+    from flwr.simulation import run_simulation as flower_run_simulation
+
+    from fedtune.app.client import app as client_app
+    from fedtune.app.server import make_server_app
+
+    quiet_flower(verbose)
+    cores = os.cpu_count() or 1
+    per_client = config.simulation.cpus_per_client
+    parallel = config.simulation.max_parallel_clients or max(1, cores // per_client)
+    backend_config = {
+        # Ray schedules by CPU count: total CPUs / CPUs per client = clients in parallel.
+        "client_resources": {"num_cpus": per_client, "num_gpus": 0.0},
+        "init_args": {"num_cpus": parallel * per_client, "include_dashboard": False, "log_to_driver": verbose},
+    }
+    outcome: dict = {}
+    flower_run_simulation(
+        server_app=make_server_app(config, run_dir, outcome),
+        client_app=client_app,
+        num_supernodes=config.partition.num_clients,
+        backend_config=backend_config,
+        verbose_logging=verbose,
+    )
+    if "error" in outcome:
+        raise outcome["error"]
+    if "summary" not in outcome:
+        raise RuntimeError("the simulation ended without a result; rerun with --verbose to see Flower's log")
+    return outcome["summary"]

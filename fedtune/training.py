@@ -1,0 +1,74 @@
+"""Local training and evaluation loops shared by every gradient-based method."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedtune.data import TextDataset
+from fedtune.models import Classifier
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    accuracy: float
+    loss: float
+
+
+def batch_order(num_examples: int, steps: int, batch_size: int, seed: int) -> list[np.ndarray]:
+    """Indices for ``steps`` batches: passes over seeded permutations, so every local
+    example is seen once before any is seen twice."""
+    rng = np.random.default_rng(seed)
+    needed = steps * batch_size
+    order = np.concatenate([rng.permutation(num_examples) for _ in range(-(-needed // num_examples))])
+    return [order[i * batch_size : (i + 1) * batch_size] for i in range(steps)]
+
+
+def train_steps(
+    model: nn.Module,
+    classifier: Classifier,
+    data: TextDataset,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    seed: int,
+) -> float:
+    """Run ``steps`` AdamW steps on the trainable parameters; returns the mean loss.
+
+    The optimizer is fresh every call: local optimizer state does not survive a
+    round, as in FedAvg-style methods."""
+    torch.manual_seed(seed)  # dropout
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    model.train()
+    losses = []
+    for idx in batch_order(len(data), steps, batch_size, seed):
+        batch = classifier.encode([data.texts[i] for i in idx])
+        logits = model(**batch).logits
+        loss = F.cross_entropy(logits, torch.as_tensor(data.labels[idx]))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    model.eval()
+    return float(np.mean(losses))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, classifier: Classifier, data: TextDataset, batch_size: int) -> EvalResult:
+    """Accuracy and mean cross-entropy; batches sorted by length so padding stays small."""
+    model.eval()
+    order = np.argsort([len(t) for t in data.texts], kind="stable")
+    correct, loss_sum = 0, 0.0
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        logits = model(**classifier.encode([data.texts[i] for i in idx])).logits
+        labels = torch.as_tensor(data.labels[idx])
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+        correct += int((logits.argmax(-1) == labels).sum())
+    return EvalResult(accuracy=correct / len(data), loss=loss_sum / len(data))
