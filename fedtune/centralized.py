@@ -22,5 +22,6 @@ def run_centralized(config: RunConfig) -> EvalResult:
     model = wrap_with_lora(classifier, config.lora, config.run.seed)
     t = config.train
     seed = derive_seed(config.run.seed, 0, 1 << 20)  # not any client's (round, partition) seed
-    train_steps(model, classifier, train, centralized_steps(config), t.batch_size, t.lr, t.weight_decay, seed)
+    steps = centralized_steps(config)
+    train_steps(model, classifier, train, steps, t.batch_size, t.lr, t.weight_decay, seed, progress=True)
     return evaluate(model, classifier, test, t.eval_batch_size)

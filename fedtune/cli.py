@@ -3,21 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from fedtune.errors import FedtuneError
 
-# Nothing may reach for the network at run time: no hub downloads, no telemetry.
-for key, value in {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
-}.items():
-    os.environ.setdefault(key, value)
 
 
 def main(argv: list[str] | None = None) -> int:

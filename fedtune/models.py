@@ -18,9 +18,27 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+)
+from transformers.utils import logging as transformers_logging
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+)
 
 from fedtune.config import DataSection, ModelSection
 from fedtune.errors import FedtuneError
+
+# fedtune prints its own progress; transformers' per-load reports and bars would
+# repeat once per client and round.
+transformers_logging.set_verbosity_error()
+transformers_logging.disable_progress_bar()
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED = {  # name -> (package, pip name)
@@ -61,17 +79,13 @@ def resolve_model_path(cfg: ModelSection) -> Path:
     if path.suffix.lower() == ".gguf":
         stat = path.stat()
         return _convert_gguf(path, cache_root / f"{path.stem}-{stat.st_size}-{stat.st_mtime_ns}")
-    raise FedtuneError(
-        f"model.name={cfg.name!r} is neither a model directory nor a .gguf file"
-    )
+    raise FedtuneError(f"model.name={cfg.name!r} is neither a model directory nor a .gguf file")
 
 
 def _convert_gguf(gguf: Path, target: Path) -> Path:
     """Dequantize a GGUF file into a safetensors directory at ``target``, once."""
     if (target / "config.json").is_file():
         return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     print(f"converting {gguf.name} once to {target} (about 30 s)", file=sys.stderr)
     target.parent.mkdir(parents=True, exist_ok=True)
     # Build beside the target and rename: a crash never leaves a half cache behind.
@@ -103,7 +117,7 @@ def _convert_gguf(gguf: Path, target: Path) -> Path:
 @dataclass
 class Classifier:
     model: torch.nn.Module
-    tokenizer: object
+    tokenizer: PreTrainedTokenizerBase
     is_causal: bool
     head_name: str  # top-level module holding the classification head ("score", "classifier")
     prompt: str | None
@@ -142,12 +156,6 @@ class Classifier:
 
 def load_classifier(model_cfg: ModelSection, data_cfg: DataSection, num_labels: int, seed: int) -> Classifier:
     """A float32 sequence classifier in eval mode; identical arguments give bit-identical weights."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
-    from transformers.models.auto.modeling_auto import (
-        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
-    )
-
     path = resolve_model_path(model_cfg)
     try:
         config = AutoConfig.from_pretrained(path, num_labels=num_labels)
@@ -201,7 +209,12 @@ def _find_head(model: torch.nn.Module, num_labels: int, path: Path) -> tuple[str
 
 
 def _init_from_label_words(
-    model: torch.nn.Module, head: torch.nn.Linear, tokenizer, words: list[str], num_labels: int, path: Path
+    model: torch.nn.Module,
+    head: torch.nn.Linear,
+    tokenizer: PreTrainedTokenizerBase,
+    words: list[str],
+    num_labels: int,
+    path: Path,
 ) -> None:
     """Copy the LM head rows of each label word's first token into the classifier head."""
     if len(words) != num_labels:
@@ -231,8 +244,6 @@ def _lm_head_weight(model: torch.nn.Module, path: Path) -> torch.Tensor | None:
     """The LM head matrix: the input embeddings when tied, else ``lm_head.weight`` read from the checkpoint."""
     if getattr(model.config.get_text_config(), "tie_word_embeddings", False):
         return model.get_input_embeddings().weight
-    from safetensors import safe_open
-
     index = path / "model.safetensors.index.json"
     shard = json.loads(index.read_text())["weight_map"].get("lm_head.weight") if index.is_file() else None
     file = path / (shard or "model.safetensors")

@@ -10,10 +10,12 @@ from fedtune.config import RunConfig
 
 
 def quiet_flower(verbose: bool) -> None:
-    """Flower and Ray log every message at INFO; fedtune prints its own progress."""
-    level = logging.INFO if verbose else logging.WARNING
-    logging.getLogger("flwr").setLevel(level)
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    """Flower logs every message at INFO, and warns that run_simulation will move to
+    `flwr run` (which fedtune also supports); fedtune prints its own progress."""
+    flwr_log = logging.getLogger("flwr")
+    flwr_log.setLevel(logging.INFO if verbose else logging.WARNING)
+    if not verbose:
+        flwr_log.addFilter(lambda record: "DEPRECATED FEATURE" not in record.getMessage())
 
 
 def run_simulation(config: RunConfig, run_dir: Path, verbose: bool = False) -> dict:

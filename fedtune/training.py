@@ -8,6 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from fedtune.data import TextDataset
 from fedtune.models import Classifier
@@ -37,6 +38,7 @@ def train_steps(
     lr: float,
     weight_decay: float,
     seed: int,
+    progress: bool = False,
 ) -> float:
     """Run ``steps`` AdamW steps on the trainable parameters; returns the mean loss.
 
@@ -47,7 +49,7 @@ def train_steps(
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     model.train()
     losses = []
-    for idx in batch_order(len(data), steps, batch_size, seed):
+    for idx in tqdm(batch_order(len(data), steps, batch_size, seed), desc="steps", leave=False, disable=not progress):
         batch = classifier.encode([data.texts[i] for i in idx])
         logits = model(**batch).logits
         loss = F.cross_entropy(logits, torch.as_tensor(data.labels[idx]))

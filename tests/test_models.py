@@ -188,7 +188,7 @@ def test_local_save_pretrained_dir_with_untied_lm_head(tiny_llama):
 
 @pytest.mark.parametrize(
     "words, match",
-    [([" positive"], "one per label"), (["", " positive"], "no token"), ([" pos", " positive"], "different tokens")],
+    [([" positive"], "one per label"), (["", " positive"], "no token"), ([" very bad", " very good"], "different tokens")],
 )
 def test_bad_label_words(tiny_llama, words, match):
     cfg = ModelSection(name=str(tiny_llama), cache_dir=CACHE)

@@ -4,6 +4,8 @@ node's Flower context."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -43,9 +45,10 @@ def train(msg: Message, context: Context) -> Message:
     pid = _partition_id(context)
     down = wire.decode(msg.content[RECORD]["payload"])
     method = get_method(config)
-    result = method.client_train(
-        load_model(config), down.tensors, client_data(config, pid), derive_seed(config.run.seed, down.round, pid)
-    )
+    classifier, data = load_model(config), client_data(config, pid)
+    started = time.perf_counter()
+    result = method.client_train(classifier, down.tensors, data, derive_seed(config.run.seed, down.round, pid))
+    metrics = {**result.metrics, "train_time_s": time.perf_counter() - started}
     up = wire.Payload(method.name, down.round, client_name(pid), result.tensors, result.num_examples)
-    content = RecordDict({RECORD: ConfigRecord({"payload": wire.encode(up)}), "metrics": MetricRecord(result.metrics)})
+    content = RecordDict({RECORD: ConfigRecord({"payload": wire.encode(up)}), "metrics": MetricRecord(metrics)})
     return Message(content, reply_to=msg)

@@ -23,7 +23,7 @@ from fedtune.config import RunConfig, load_config
 from fedtune.data import majority_class_accuracy
 from fedtune.errors import FedtuneError
 from fedtune.ledger import Ledger, Transfer, content_bytes
-from fedtune.methods import ClientUpdate, get_method
+from fedtune.methods import ClientUpdate, Method, get_method
 from fedtune.partition import partition_summary
 from fedtune.task import config_to_json, load_model, load_splits
 from fedtune.training import evaluate
@@ -55,7 +55,7 @@ def serve(grid: Grid, config: RunConfig, run_dir: Path) -> dict:
         updates, train_metrics = _train_round(grid, config, method, rnd, {c: nodes[c] for c in sampled}, ledger, bar)
         if not updates:
             raise RuntimeError(f"round {rnd}: no client returned an update; see the log above")
-        method.server_aggregate(sorted(updates, key=lambda u: u.client))
+        method.server_aggregate(updates)
         result = evaluate(method.server_model(), classifier, test, config.train.eval_batch_size)
         rows.append(report.round_row(rnd, result, ledger, started, train_metrics))
         report.append_metrics(run_dir, rows[-1])
@@ -102,7 +102,7 @@ def _sample_clients(clients: list[str], count: int, seed: int, rnd: int) -> list
 def _train_round(
     grid: Grid,
     config: RunConfig,
-    method,
+    method: Method,
     rnd: int,
     clients: dict[str, int],
     ledger: Ledger,
@@ -116,8 +116,11 @@ def _train_round(
         messages.append(Message(content, dst_node_id=node_id, message_type=MessageType.TRAIN, group_id=str(rnd)))
         name_of[node_id] = client
 
-    updates, losses = [], []
-    for reply in _collect(grid, messages, config.federation.timeout_s, on_reply=lambda: bar.update(1)):
+    updates, losses, train_times = [], [], []
+    started = time.perf_counter()
+    replies = _collect(grid, messages, config.federation.timeout_s, on_reply=lambda: bar.update(1))
+    # Arrival order varies from run to run; everything downstream sees client order.
+    for reply in sorted(replies, key=lambda r: name_of[r.metadata.src_node_id]):
         client = name_of[reply.metadata.src_node_id]
         if reply.has_error():
             log.warning("round %d: %s dropped: %s", rnd, client, reply.error.reason)
@@ -130,8 +133,18 @@ def _train_round(
             continue
         ledger.record(Transfer(rnd, client, "up", len(data), content_bytes(reply.content)))
         updates.append(ClientUpdate(client, up.tensors, up.num_examples))
-        losses.append(float(reply.content["metrics"]["train_loss"]))
-    return updates, {"train_loss": float(np.mean(losses))} if losses else {}
+        metrics = reply.content["metrics"]
+        losses.append(float(metrics["train_loss"]))
+        train_times.append(float(metrics["train_time_s"]))
+    if not losses:
+        return updates, {}
+    return updates, {
+        "train_loss": float(np.mean(losses)),
+        # Wall time of the training phase against the clients' own training time:
+        # their ratio is the framework's overhead (benchmarks/round_overhead.py).
+        "round_train_time_s": round(time.perf_counter() - started, 3),
+        "client_train_time_s": round(float(np.sum(train_times)), 3),
+    }
 
 
 def _collect(

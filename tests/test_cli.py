@@ -1,0 +1,61 @@
+"""Bad input: one line on stderr, exit code 2, no traceback, nothing started."""
+
+import subprocess
+import sys
+
+import pytest
+
+from fedtune.cli import main
+
+SMALL = ["--set", "model.name=minilm", "--set", "data.test_size=60", "--set", "data.train_size=120"]
+
+
+def _fails_cleanly(capsys, args, *expected):
+    assert main(["run", *SMALL, *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    for text in expected:
+        assert text in err, err
+
+
+def test_missing_data_file(capsys, tmp_path):
+    _fails_cleanly(capsys, ["--set", f"data.source={tmp_path}/nope.csv"], "data.source", "nope.csv")
+
+
+def test_missing_text_and_label_columns(capsys, tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("review,stars\ngood,pos\nbad,neg\n")
+    _fails_cleanly(capsys, ["--set", f"data.source={path}"], "data.text_column", "review")
+    _fails_cleanly(capsys, ["--set", f"data.source={path}", "--set", "data.text_column=review"],
+                   "data.label_column", "stars")
+
+
+def test_unknown_method(capsys):
+    _fails_cleanly(capsys, ["--set", "federation.method=fedsgd"], "federation.method", "fedit")
+
+
+@pytest.mark.parametrize("rank", ["0", "-4"])
+def test_rank_not_positive(capsys, rank):
+    _fails_cleanly(capsys, ["--set", f"lora.rank={rank}"], "lora.rank", ">= 1")
+
+
+def test_more_clients_than_examples(capsys):
+    _fails_cleanly(capsys, ["--set", "data.train_size=5", "--set", "partition.num_clients=6"],
+                   "partition.num_clients", "5 training examples")
+
+
+def test_unreadable_model_path(capsys, tmp_path):
+    _fails_cleanly(capsys, ["--set", f"model.name={tmp_path}/no-model"], "model.name")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    _fails_cleanly(capsys, ["--set", f"model.name={broken}"], "model")
+
+
+def test_unknown_key_from_the_shell_has_no_traceback():
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedtune.cli", "run", "--set", "lora.rnak=8"], capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: unknown config key lora.rnak; allowed: rank, alpha, dropout, target_modules"
+    assert "Traceback" not in proc.stderr

@@ -1,0 +1,65 @@
+import pytest
+
+from fedtune.config import RunConfig, from_dict, load_config
+from fedtune.errors import FedtuneError
+
+
+def test_defaults_are_valid_and_typed():
+    config = load_config(None)
+    assert config == RunConfig()
+    assert config.partition.num_clients == 4 and config.model.name == "smollm2"
+
+
+def test_file_and_overrides(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[run]\nrounds = 5\n[lora]\nrank = 4\ntarget_modules = ["q_proj"]\n')
+    config = load_config(path, ["lora.rank=16", "train.lr=1e-3", "data.source=my file.csv", "run.name=x"])
+    assert config.run.rounds == 5
+    assert config.lora.rank == 16 and config.lora.target_modules == ["q_proj"]
+    assert config.train.lr == 1e-3
+    assert config.data.source == "my file.csv"  # bare words are strings
+
+
+def test_int_accepted_for_float():
+    assert from_dict({"train": {"lr": 1}}).train.lr == 1.0
+
+
+@pytest.mark.parametrize(
+    "raw, key",
+    [
+        ({"nope": {}}, "[nope]"),
+        ({"run": {"roundz": 3}}, "run.roundz"),
+        ({"run": {"rounds": "3"}}, "run.rounds"),
+        ({"run": {"rounds": True}}, "run.rounds"),
+        ({"run": {"rounds": 0}}, "run.rounds"),
+        ({"lora": {"rank": 0}}, "lora.rank"),
+        ({"lora": {"rank": -2}}, "lora.rank"),
+        ({"lora": {"dropout": 1.0}}, "lora.dropout"),
+        ({"lora": {"target_modules": "q_proj"}}, "lora.target_modules"),
+        ({"train": {"lr": 0}}, "train.lr"),
+        ({"train": {"batch_size": 0}}, "train.batch_size"),
+        ({"partition": {"scheme": "random"}}, "partition.scheme"),
+        ({"partition": {"alpha": 0.0}}, "partition.alpha"),
+        ({"partition": {"num_clients": 0}}, "partition.num_clients"),
+        ({"federation": {"clients_per_round": 9}}, "federation.clients_per_round"),
+        ({"data": {"prompt": "no placeholder"}}, "data.prompt"),
+        ({"data": {"label_words": [" a"]}}, "data.label_words"),
+        ({"run": 3}, "[run]"),
+    ],
+)
+def test_bad_values_name_the_key(raw, key):
+    with pytest.raises(FedtuneError) as info:
+        from_dict(raw)
+    message = str(info.value)
+    assert key in message and "\n" not in message
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(FedtuneError, match="does not exist"):
+        load_config(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[run\nrounds=")
+    with pytest.raises(FedtuneError, match="not valid TOML"):
+        load_config(bad)
+    with pytest.raises(FedtuneError, match="section.key=value"):
+        load_config(None, ["rounds=3"])

@@ -1,0 +1,26 @@
+import numpy as np
+
+from fedtune.methods.lora import wrap_with_lora
+from fedtune.task import load_model, load_splits
+from fedtune.training import batch_order, evaluate, train_steps
+
+
+def test_batch_order_sees_every_example_once_per_pass():
+    batches = batch_order(num_examples=10, steps=5, batch_size=4, seed=3)  # 2 passes
+    flat = np.concatenate(batches)
+    assert len(batches) == 5 and all(len(b) == 4 for b in batches)
+    assert sorted(flat[:10]) == list(range(10))
+    assert np.array_equal(flat, np.concatenate(batch_order(10, 5, 4, seed=3)))
+    assert not np.array_equal(flat, np.concatenate(batch_order(10, 5, 4, seed=4)))
+
+
+def test_training_fits_a_small_set(config):
+    train, _ = load_splits(config)
+    few = train.subset(np.arange(16))
+    classifier = load_model(config)
+    model = wrap_with_lora(classifier, config.lora, seed=0)
+    before = evaluate(model, classifier, few, batch_size=8)
+    train_steps(model, classifier, few, steps=30, batch_size=8, lr=3e-3, weight_decay=0.0, seed=0)
+    after = evaluate(model, classifier, few, batch_size=8)
+    assert after.loss < before.loss * 0.5
+    assert after.accuracy == 1.0
