@@ -13,14 +13,21 @@ from flwr.clientapp import ClientApp
 from fedtune import wire
 from fedtune.app.server import RECORD
 from fedtune.config import RunConfig
+from fedtune.errors import FedtuneError
 from fedtune.methods import get_method
 from fedtune.task import client_data, client_name, config_from_json, derive_seed, load_model
 
 app = ClientApp()
 
 
-def _partition_id(context: Context) -> int:
-    return int(context.node_config["partition-id"])
+def _partition_id(context: Context, config: RunConfig) -> int:
+    pid = int(context.node_config["partition-id"])
+    if not 0 <= pid < config.partition.num_clients:
+        raise FedtuneError(
+            f"this node's partition-id {pid} is outside partition.num_clients={config.partition.num_clients}; "
+            "run as many SuperNodes as clients"
+        )
+    return pid
 
 
 def _config(context: Context) -> RunConfig:
@@ -32,7 +39,7 @@ def enroll(msg: Message, context: Context) -> Message:
     config_json = str(msg.content[RECORD]["config"])
     context.state[RECORD] = ConfigRecord({"config": config_json})
     config = config_from_json(config_json)
-    pid = _partition_id(context)
+    pid = _partition_id(context, config)
     data = client_data(config, pid)
     histogram = np.bincount(data.labels, minlength=len(data.label_names))
     reply = ConfigRecord({"client": client_name(pid), "histogram": histogram.tolist()})
@@ -42,7 +49,7 @@ def enroll(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     config = _config(context)
-    pid = _partition_id(context)
+    pid = _partition_id(context, config)
     down = wire.decode(msg.content[RECORD]["payload"])
     method = get_method(config)
     classifier, data = load_model(config), client_data(config, pid)

@@ -3,6 +3,8 @@ its trainable tensors by name, average them."""
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils.error import NoMatchingPeftModuleError
@@ -12,6 +14,10 @@ from fedtune.errors import FedtuneError
 from fedtune.methods.base import ClientUpdate
 from fedtune.models import Classifier
 from fedtune.wire import TensorDict
+
+
+# peft 0.21 still calls a transformers 5 method that warns of its own rename, once per wrap.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 def wrap_with_lora(classifier: Classifier, cfg: LoraSection, seed: int) -> PeftModel:
