@@ -2,23 +2,35 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from fedtune.config import RunConfig, from_dict
 
 
+SMALL = {  # MiniLM on 120 Rotten Tomatoes snippets, 3 clients: seconds per round
+    "run": {"rounds": 2},
+    "model": {"name": "minilm", "max_length": 64},
+    "data": {"test_size": 60, "train_size": 120},
+    "partition": {"num_clients": 3},
+    "train": {"local_steps": 3, "batch_size": 4, "lr": 1e-3},
+}
+
+
 def small_config(tmp_path, **sections) -> RunConfig:
-    """MiniLM on 120 Rotten Tomatoes snippets, 3 clients: seconds per round."""
-    raw = {
-        "run": {"rounds": 2, "output_dir": str(tmp_path / "runs")},
-        "model": {"name": "minilm", "max_length": 64},
-        "data": {"test_size": 60, "train_size": 120},
-        "partition": {"num_clients": 3},
-        "train": {"local_steps": 3, "batch_size": 4, "lr": 1e-3},
-    }
+    raw = {name: dict(values) for name, values in SMALL.items()}
+    raw["run"]["output_dir"] = str(tmp_path / "runs")
     for name, values in sections.items():
         raw.setdefault(name, {}).update(values)
     return from_dict(raw)
+
+
+def small_overrides(tmp_path) -> list[str]:
+    """SMALL as `fedtune run --set` arguments."""
+    args = [f"run.output_dir={tmp_path / 'runs'}"]
+    args += [f"{s}.{k}={json.dumps(v)}" for s, values in SMALL.items() for k, v in values.items()]
+    return [a for arg in args for a in ("--set", arg)]
 
 
 @pytest.fixture

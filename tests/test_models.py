@@ -7,12 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-from fedtune import models  # noqa: E402
-from fedtune.config import DataSection, ModelSection  # noqa: E402
-from fedtune.errors import FedtuneError  # noqa: E402
-from fedtune.models import Classifier, load_classifier, resolve_model_path  # noqa: E402
+from fedtune import models
+from fedtune.config import DataSection, ModelSection
+from fedtune.errors import FedtuneError
+from fedtune.models import Classifier, load_classifier, resolve_model_path
 
 # The SmolLM2 conversion takes ~30 s: keep its cache across test sessions.
 CACHE = os.environ.get("FEDTUNE_TEST_CACHE", str(Path(__file__).resolve().parents[1] / ".cache" / "fedtune-test"))

@@ -42,24 +42,27 @@ def serve(grid: Grid, config: RunConfig, run_dir: Path) -> dict:
     nodes = _enroll(grid, config, train.label_names)
 
     ledger = Ledger(run_dir / "ledger.jsonl")
-    zero_shot = evaluate(method.server_model(), classifier, test, config.train.eval_batch_size)
-    baselines = {"zero_shot_accuracy": zero_shot.accuracy, "majority_accuracy": majority_class_accuracy(train.labels, test.labels)}
-    rows = [report.round_row(0, zero_shot, ledger, started, {})]
-    report.append_metrics(run_dir, rows[-1])
-    report.print_round(rows[-1], baselines)
+    baselines = {"majority_accuracy": majority_class_accuracy(train.labels, test.labels)}
+    rows: list[dict] = []
 
+    def evaluate_and_record(rnd: int, train_metrics: dict[str, float]) -> None:
+        result = evaluate(method.server_model(), classifier, test, config.train.eval_batch_size)
+        rows.append(report.round_row(rnd, result, ledger, started, train_metrics))
+        report.append_metrics(run_dir, rows[-1])  # each finished round is on disk at once
+        report.print_round(rows[-1], baselines)
+
+    evaluate_and_record(0, {})
+    baselines["zero_shot_accuracy"] = rows[0]["accuracy"]
     per_round = config.federation.clients_per_round or len(nodes)
     bar = tqdm(total=config.run.rounds * per_round, desc="client rounds", unit="client", leave=False)
     for rnd in range(1, config.run.rounds + 1):
         sampled = _sample_clients(sorted(nodes), per_round, config.run.seed, rnd)
         updates, train_metrics = _train_round(grid, config, method, rnd, {c: nodes[c] for c in sampled}, ledger, bar)
         if not updates:
-            raise RuntimeError(f"round {rnd}: no client returned an update; see the log above")
+            raise FedtuneError(f"round {rnd}: no client returned an update (see the warnings above); "
+                               f"finished rounds are in {run_dir}")
         method.server_aggregate(updates)
-        result = evaluate(method.server_model(), classifier, test, config.train.eval_batch_size)
-        rows.append(report.round_row(rnd, result, ledger, started, train_metrics))
-        report.append_metrics(run_dir, rows[-1])
-        report.print_round(rows[-1], baselines)
+        evaluate_and_record(rnd, train_metrics)
     bar.close()
 
     summary = report.summarize(config, rows, ledger, baselines, time.perf_counter() - started)
@@ -80,14 +83,14 @@ def _enroll(grid: Grid, config: RunConfig, label_names: list[str]) -> dict[str, 
     nodes, parts, labels = {}, [], []
     for reply in _collect(grid, messages, config.federation.timeout_s):
         if reply.has_error():
-            raise RuntimeError(f"client on node {reply.metadata.src_node_id} failed to enroll: {reply.error.reason}")
+            raise FedtuneError(f"a client failed to enroll: {reply.error.reason}")
         record = reply.content[RECORD]
         nodes[str(record["client"])] = reply.metadata.src_node_id
         histogram = np.asarray(record["histogram"], dtype=np.int64)
         parts.append(np.arange(len(labels), len(labels) + histogram.sum()))
         labels.extend(np.repeat(np.arange(len(histogram)), histogram))
     if len(nodes) < wanted:
-        raise RuntimeError(f"only {len(nodes)} of {wanted} clients enrolled")
+        raise FedtuneError(f"only {len(nodes)} of {wanted} clients enrolled within federation.timeout_s")
     print(partition_summary(parts, np.asarray(labels, dtype=np.int64), label_names), flush=True)
     return nodes
 
