@@ -67,8 +67,11 @@ def append_metrics(run_dir: Path, row: dict) -> None:
 
 def print_round(row: dict, baselines: dict[str, float]) -> None:
     head = "zero-shot" if row["round"] == 0 else f"round {row['round']}"
+    reference = f"majority class {baselines['majority_accuracy']:.3f}"
+    if "zero_shot_accuracy" in baselines:
+        reference = f"zero-shot {baselines['zero_shot_accuracy']:.3f}, {reference}"
     tqdm.write(
-        f"{head:>9}: accuracy {row['accuracy']:.3f} (majority class {baselines['majority_accuracy']:.3f})"
+        f"{head:>9}: accuracy {row['accuracy']:.3f} ({reference})"
         f"  loss {row['loss']:.3f}  down {human_bytes(row['bytes_down'])}  up {human_bytes(row['bytes_up'])}"
     )
 

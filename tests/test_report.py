@@ -1,0 +1,42 @@
+import json
+
+from fedtune import report
+from fedtune.config import load_config
+from fedtune.ledger import Ledger, Transfer
+from fedtune.training import EvalResult
+
+
+def test_run_dir_config_reloads_identically(config):
+    first, second = report.create_run_dir(config), report.create_run_dir(config)
+    assert first != second  # same second, no collision
+    assert load_config(first / "config.toml") == config  # prompt newline, leading spaces survive
+
+
+def test_rows_summary_and_plot_from_a_known_ledger(config, tmp_path):
+    ledger = Ledger(tmp_path / "ledger.jsonl")
+    rows = [report.round_row(0, EvalResult(0.5, 0.7), ledger, 0.0, {})]
+    for rnd, acc in ((1, 0.6), (2, 0.55)):
+        for client in ("client-0", "client-1"):
+            ledger.record(Transfer(rnd, client, "down", 1000, 1100))
+            ledger.record(Transfer(rnd, client, "up", 900 + rnd, 990))
+        rows.append(report.round_row(rnd, EvalResult(acc, 0.6), ledger, 0.0, {"train_loss": 0.4}))
+
+    assert (rows[2]["bytes_down"], rows[2]["bytes_up"]) == (2000, 1804)
+    assert (rows[2]["cum_bytes_down"], rows[2]["cum_bytes_up"]) == (4000, 3606)
+    assert rows[1]["clients"] == 2
+    assert len((tmp_path / "ledger.jsonl").read_text().splitlines()) == 8
+
+    summary = report.summarize(config, rows, ledger, {"majority_accuracy": 0.52, "zero_shot_accuracy": 0.5}, 12.0)
+    assert summary["final_accuracy"] == 0.55 and summary["best_accuracy"] == 0.6
+    assert summary["bytes_per_client_round_down"] == 1000 and summary["bytes_per_client_round_up"] == 901
+    assert summary["message_bytes_up"] == 4 * 990 and summary["client_rounds"] == 4
+
+    report.finish(tmp_path, rows, summary)
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
+    assert (tmp_path / "accuracy_vs_bytes.png").read_bytes()[:4] == b"\x89PNG"
+    table = report.summary_table(summary)
+    assert "final accuracy" in table and "0.550" in table and "1.00 KB / 901 B" in table
+
+
+def test_human_bytes():
+    assert [report.human_bytes(n) for n in (999, 1000, 1_858_357, 3e9)] == ["999 B", "1.00 KB", "1.86 MB", "3.00 GB"]
