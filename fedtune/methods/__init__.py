@@ -6,8 +6,9 @@ from fedtune.config import RunConfig
 from fedtune.errors import FedtuneError
 from fedtune.methods.base import ClientUpdate, LocalResult, Method
 from fedtune.methods.fedit import FedIT
+from fedtune.methods.ffa_lora import FFALoRA
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (FedIT,)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (FedIT, FFALoRA)}
 
 
 def get_method(config: RunConfig) -> Method:

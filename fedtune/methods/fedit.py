@@ -18,8 +18,12 @@ from fedtune.wire import TensorDict
 class FedIT(Method):
     name = "fedit"
 
+    def wrap(self, classifier: Classifier, seed: int) -> PeftModel:
+        """The classifier with this method's trainable adapter."""
+        return wrap_with_lora(classifier, self.config.lora, seed)
+
     def server_init(self, classifier: Classifier) -> None:
-        self.model: PeftModel = wrap_with_lora(classifier, self.config.lora, self.config.run.seed)
+        self.model = self.wrap(classifier, self.config.run.seed)
         self.global_tensors = trainable_state(self.model)
 
     def server_downlink(self, client: str) -> TensorDict:
@@ -35,7 +39,7 @@ class FedIT(Method):
     def client_train(
         self, classifier: Classifier, downlink: TensorDict, data: TextDataset, seed: int
     ) -> LocalResult:
-        model = wrap_with_lora(classifier, self.config.lora, seed)
+        model = self.wrap(classifier, seed)
         load_trainable_state(model, downlink)
         t = self.config.train
         loss = train_steps(model, classifier, data, t.local_steps, t.batch_size, t.lr, t.weight_decay, seed)

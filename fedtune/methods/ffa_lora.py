@@ -1,0 +1,25 @@
+"""FFA-LoRA (Sun et al., 2024): A frozen at a value every party derives from the run
+seed, only B (and the classifier head) trained, sent and averaged.
+
+With A shared and fixed, the update is linear in B, so FedAvg is exact:
+mean_k(B_k) A = mean_k(B_k A). A never crosses the network."""
+
+from __future__ import annotations
+
+from peft import PeftModel
+
+from fedtune.methods.fedit import FedIT
+from fedtune.methods.lora import wrap_with_lora
+from fedtune.models import Classifier
+
+
+class FFALoRA(FedIT):
+    name = "ffa_lora"
+
+    def wrap(self, classifier: Classifier, seed: int) -> PeftModel:
+        # The run seed, not the per-client one: every party draws the same A.
+        model = wrap_with_lora(classifier, self.config.lora, self.config.run.seed)
+        for name, param in model.named_parameters():
+            if "lora_A" in name:
+                param.requires_grad_(False)
+        return model
