@@ -42,7 +42,7 @@ def enroll(msg: Message, context: Context) -> Message:
     pid = _partition_id(context, config)
     data = client_data(config, pid)
     histogram = np.bincount(data.labels, minlength=len(data.label_names))
-    reply = ConfigRecord({"client": client_name(pid), "histogram": histogram.tolist()})
+    reply = ConfigRecord({"client": client_name(pid), "partition_id": pid, "histogram": histogram.tolist()})
     return Message(RecordDict({RECORD: reply}), reply_to=msg)
 
 

@@ -81,9 +81,12 @@ def _enroll(grid: Grid, config: RunConfig, label_names: list[str]) -> dict[str, 
     content = RecordDict({RECORD: ConfigRecord({"config": config_to_json(config)})})
     messages = [Message(content, dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids]
     nodes, parts, labels = {}, [], []
-    for reply in _collect(grid, messages, config.federation.timeout_s):
+    replies = _collect(grid, messages, config.federation.timeout_s)
+    for reply in replies:
         if reply.has_error():
             raise FedtuneError(f"a client failed to enroll: {reply.error.reason}")
+    # Summary rows in partition order, whatever order the replies came in.
+    for reply in sorted(replies, key=lambda r: int(r.content[RECORD]["partition_id"])):
         record = reply.content[RECORD]
         nodes[str(record["client"])] = reply.metadata.src_node_id
         histogram = np.asarray(record["histogram"], dtype=np.int64)
