@@ -9,13 +9,19 @@ from pathlib import Path
 from fedtune.config import RunConfig
 
 
+def _not_a_deprecation_notice(record: logging.LogRecord) -> bool:
+    return "DEPRECATED FEATURE" not in record.getMessage()
+
+
 def quiet_flower(verbose: bool) -> None:
     """Flower logs every message at INFO, and warns that run_simulation will move to
     `flwr run` (which fedtune also supports); fedtune prints its own progress."""
     flwr_log = logging.getLogger("flwr")
     flwr_log.setLevel(logging.INFO if verbose else logging.WARNING)
-    if not verbose:
-        flwr_log.addFilter(lambda record: "DEPRECATED FEATURE" not in record.getMessage())
+    if verbose:
+        flwr_log.removeFilter(_not_a_deprecation_notice)
+    else:
+        flwr_log.addFilter(_not_a_deprecation_notice)  # adding twice is a no-op
 
 
 def run_simulation(config: RunConfig, run_dir: Path, verbose: bool = False) -> dict:
