@@ -66,3 +66,20 @@ def test_unknown_method_and_bad_target_modules(tmp_path):
     config = small_config(tmp_path, lora={"target_modules": ["q_proj"]})
     with pytest.raises(FedtuneError, match="lora.target_modules.*query"):
         get_method(config).server_init(load_model(config))
+
+
+def test_server_check_rejects_malformed_updates(config):
+    method = get_method(config)
+    method.server_init(load_model(config))
+    down = method.server_downlink("client-0")
+    name = next(n for n in down if "lora_A" in n)
+    assert method.server_check(ClientUpdate("client-0", dict(down), 10)) is None
+    cases = {
+        "names differ": {n: t for n, t in down.items() if n != name},
+        "expected torch.float32 (8, 384)": {**down, name: torch.zeros(4, 384)},  # another rank
+        "expected torch.float32": {**down, name: down[name].half()},
+        "non-finite": {**down, name: torch.full_like(down[name], float("nan"))},
+    }
+    for reason, tensors in cases.items():
+        assert reason in method.server_check(ClientUpdate("client-0", tensors, 10))
+    assert "num_examples" in method.server_check(ClientUpdate("client-0", dict(down), 0))

@@ -138,7 +138,11 @@ def _train_round(
             log.warning("round %d: %s dropped: malformed payload: %s", rnd, client, exc)
             continue
         ledger.record(Transfer(rnd, client, "up", len(data), content_bytes(reply.content)))
-        updates.append(ClientUpdate(client, up.tensors, up.num_examples))
+        update = ClientUpdate(client, up.tensors, up.num_examples)
+        if reason := method.server_check(update):
+            log.warning("round %d: %s dropped: %s", rnd, client, reason)
+            continue
+        updates.append(update)
         metrics = reply.content["metrics"]
         losses.append(float(metrics["train_loss"]))
         train_times.append(float(metrics["train_time_s"]))

@@ -13,6 +13,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+import torch
 from torch import nn
 
 from fedtune.config import RunConfig
@@ -57,6 +58,22 @@ class Method(ABC):
     @abstractmethod
     def server_aggregate(self, updates: list[ClientUpdate]) -> None:
         """Fold one round's updates (sorted by client name) into the global state."""
+
+    def server_check(self, update: ClientUpdate) -> str | None:
+        """Why ``update`` must not be aggregated, or None if it may. By default an
+        update holds exactly the tensors its client was sent, same shapes and dtypes,
+        all finite, from at least one example; methods whose uplink differs override it."""
+        expected = self.server_downlink(update.client)
+        if update.tensors.keys() != expected.keys():
+            return f"tensor names differ from the {len(expected)} sent (got {len(update.tensors)})"
+        for name, t in update.tensors.items():
+            if t.shape != expected[name].shape or t.dtype != expected[name].dtype:
+                return f"{name}: {t.dtype} {tuple(t.shape)}, expected {expected[name].dtype} {tuple(expected[name].shape)}"
+            if not torch.isfinite(t).all():
+                return f"{name}: non-finite values"
+        if update.num_examples < 1:
+            return "num_examples is 0"
+        return None
 
     @abstractmethod
     def server_model(self) -> nn.Module:
