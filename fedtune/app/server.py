@@ -139,7 +139,11 @@ def _train_round(
             continue
         ledger.record(Transfer(rnd, client, "up", len(data), content_bytes(reply.content)))
         update = ClientUpdate(client, up.tensors, up.num_examples)
-        if reason := method.server_check(update):
+        if (up.method, up.round, up.client) != (method.name, rnd, client):
+            reason = f"header says {up.method} round {up.round} from {up.client!r}"
+        else:
+            reason = method.server_check(update)
+        if reason:
             log.warning("round %d: %s dropped: %s", rnd, client, reason)
             continue
         updates.append(update)
