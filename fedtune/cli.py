@@ -8,7 +8,6 @@ import sys
 from fedtune.errors import FedtuneError
 
 
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedtune", description="Federated fine-tuning of language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -46,8 +45,9 @@ def _run(args: argparse.Namespace) -> int:
     print(f"run directory: {run_dir}", flush=True)
     summary = run_simulation(config, run_dir, verbose=args.verbose)
     if config.run.centralized_baseline:
-        print(f"centralized baseline: {centralized_steps(config)} steps on the pooled data ...", flush=True)
-        summary = report.add_centralized(run_dir, run_centralized(config), centralized_steps(config))
+        steps = centralized_steps(config)
+        print(f"centralized baseline: {steps} steps on the pooled data ...", flush=True)
+        summary = report.add_centralized(run_dir, run_centralized(config), steps)
     print(report.summary_table(summary))
     print(f"results: {run_dir}")
     return 0

@@ -12,7 +12,7 @@ import numpy as np
 
 from fedtune.config import RunConfig, from_dict
 from fedtune.data import TextDataset, load_text_dataset, split_train_test
-from fedtune.models import Classifier, load_classifier, resolve_model_path
+from fedtune.models import Classifier, load_classifier
 from fedtune.partition import partition_indices
 
 
@@ -48,10 +48,8 @@ def client_data(config: RunConfig, partition_id: int) -> TextDataset:
 
 def load_model(config: RunConfig) -> Classifier:
     """A fresh classifier: base weights from the (cached) model path, seeded head."""
-    model_cfg = config.model
-    resolve_model_path(model_cfg)  # converts a GGUF once; later calls hit the cache
     num_labels = len(load_splits(config)[0].label_names)
-    return load_classifier(model_cfg, config.data, num_labels, config.run.seed)
+    return load_classifier(config.model, config.data, num_labels, config.run.seed)
 
 
 def derive_seed(*parts: int) -> int:

@@ -82,9 +82,8 @@ def _enroll(grid: Grid, config: RunConfig, label_names: list[str]) -> dict[str, 
     messages = [Message(content, dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids]
     nodes, parts, labels = {}, [], []
     replies = _collect(grid, messages, config.federation.timeout_s)
-    for reply in replies:
-        if reply.has_error():
-            raise FedtuneError(f"a client failed to enroll: {reply.error.reason}")
+    if failed := next((r for r in replies if r.has_error()), None):
+        raise FedtuneError(f"a client failed to enroll: {failed.error.reason}")
     # Summary rows in partition order, whatever order the replies came in.
     for reply in sorted(replies, key=lambda r: int(r.content[RECORD]["partition_id"])):
         record = reply.content[RECORD]
