@@ -23,9 +23,9 @@ import torch
 
 from fedtune import report
 from fedtune.config import load_config
-from fedtune.methods import get_method
+from fedtune.methods import ClientJob, get_method
 from fedtune.simulation import run_simulation
-from fedtune.task import client_data, derive_seed, load_model
+from fedtune.task import client_data, client_name, derive_seed, load_model
 
 
 def main() -> None:
@@ -47,7 +47,8 @@ def main() -> None:
     down = method.server_downlink("client-0")
     started = time.perf_counter()
     for pid in range(config.partition.num_clients):
-        method.client_train(load_model(config), down, client_data(config, pid), derive_seed(config.run.seed, 1, pid))
+        job = ClientJob(client_name(pid), pid, client_data(config, pid), derive_seed(config.run.seed, 1, pid))
+        method.client_train(load_model(config), down, job)
     sequential = time.perf_counter() - started
 
     print(f"config {args.config}: {config.partition.num_clients} clients, {parallel} in parallel, "

@@ -84,6 +84,15 @@ class LoraSection:
     dropout: float = 0.0
     # Empty: PEFT's default for the architecture (query and value projections).
     target_modules: list[str] = field(default_factory=list)
+    # One rank per client, in partition order (FLoRA only); empty: every client uses rank.
+    client_ranks: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class FedSBSection:
+    # Server-held examples, disjoint from every client's data and from the test set,
+    # whose gradient fixes Fed-SB's A and B (see fedtune/methods/fed_sb.py).
+    calibration_size: int = 64
 
 
 @dataclass(frozen=True)
@@ -101,6 +110,7 @@ class RunConfig:
     federation: FederationSection = field(default_factory=FederationSection)
     train: TrainSection = field(default_factory=TrainSection)
     lora: LoraSection = field(default_factory=LoraSection)
+    fed_sb: FedSBSection = field(default_factory=FedSBSection)
     simulation: SimulationSection = field(default_factory=SimulationSection)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -220,6 +230,14 @@ def validate(c: RunConfig) -> None:
     _require(c.lora.rank >= 1, "lora.rank", ">= 1", c.lora.rank)
     _require(c.lora.alpha > 0, "lora.alpha", "> 0", c.lora.alpha)
     _require(0 <= c.lora.dropout < 1, "lora.dropout", "in [0, 1)", c.lora.dropout)
+    _require(
+        not c.lora.client_ranks or len(c.lora.client_ranks) == c.partition.num_clients,
+        "lora.client_ranks",
+        f"empty or one rank per client (partition.num_clients={c.partition.num_clients})",
+        c.lora.client_ranks,
+    )
+    _require(all(r >= 1 for r in c.lora.client_ranks), "lora.client_ranks", "ranks >= 1", c.lora.client_ranks)
+    _require(c.fed_sb.calibration_size >= 1, "fed_sb.calibration_size", ">= 1", c.fed_sb.calibration_size)
     _require(
         c.simulation.cpus_per_client >= 1, "simulation.cpus_per_client", ">= 1", c.simulation.cpus_per_client
     )

@@ -171,6 +171,20 @@ def split_train_test(
     return ds.subset(order[test_size:train_end]), ds.subset(order[:test_size])
 
 
+def server_split(ds: TextDataset, test_size: int, train_size: int, size: int, seed: int) -> TextDataset:
+    """``size`` examples for the server alone: the ones right after the train pool in
+    :func:`split_train_test`'s shuffle, so disjoint from every client and the test set."""
+    n, start = len(ds), test_size + train_size
+    if train_size == 0:
+        raise FedtuneError("data.train_size = 0 gives every example to the clients; set it so the server keeps some")
+    if n < start + size:
+        raise FedtuneError(
+            f"the server needs {size} examples beyond data.test_size={test_size} and "
+            f"data.train_size={train_size}, but only {n} are available; lower one of them"
+        )
+    return ds.subset(np.random.default_rng(seed).permutation(n)[start : start + size])
+
+
 def majority_class_accuracy(train_labels: np.ndarray, test_labels: np.ndarray) -> float:
     """Test accuracy of always predicting the most frequent training class (ties: lowest index)."""
     majority = np.bincount(train_labels).argmax()

@@ -5,8 +5,12 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedtune.config import RunConfig
+
+if TYPE_CHECKING:
+    from flwr.clientapp import ClientApp
 
 
 def _not_a_deprecation_notice(record: logging.LogRecord) -> bool:
@@ -24,11 +28,12 @@ def quiet_flower(verbose: bool) -> None:
         flwr_log.addFilter(_not_a_deprecation_notice)  # adding twice is a no-op
 
 
-def run_simulation(config: RunConfig, run_dir: Path, verbose: bool = False) -> dict:
-    """Run the federated job; returns its summary or raises what the ServerApp raised."""
+def run_simulation(config: RunConfig, run_dir: Path, verbose: bool = False, client_app: ClientApp | None = None) -> dict:
+    """Run the federated job; returns its summary or raises what the ServerApp raised.
+    ``client_app`` replaces fedtune's own (tests use it to plant a faulty client)."""
     from flwr.simulation import run_simulation as flower_run_simulation
 
-    from fedtune.app.client import app as client_app
+    from fedtune.app import client
     from fedtune.app.server import make_server_app
 
     quiet_flower(verbose)
@@ -43,7 +48,7 @@ def run_simulation(config: RunConfig, run_dir: Path, verbose: bool = False) -> d
     outcome: dict = {}
     flower_run_simulation(
         server_app=make_server_app(config, run_dir, outcome),
-        client_app=client_app,
+        client_app=client_app or client.app,
         num_supernodes=config.partition.num_clients,
         backend_config=backend_config,
         verbose_logging=verbose,

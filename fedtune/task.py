@@ -11,7 +11,7 @@ from functools import lru_cache
 import numpy as np
 
 from fedtune.config import RunConfig, from_dict
-from fedtune.data import TextDataset, load_text_dataset, split_train_test
+from fedtune.data import TextDataset, load_text_dataset, server_split, split_train_test
 from fedtune.models import Classifier, load_classifier
 from fedtune.partition import partition_indices
 
@@ -33,6 +33,12 @@ def load_splits(config: RunConfig) -> tuple[TextDataset, TextDataset]:
 def _splits(config_json: str) -> tuple[TextDataset, TextDataset]:
     c = config_from_json(config_json)
     return split_train_test(load_text_dataset(c.data), c.data.test_size, c.data.train_size, c.run.seed)
+
+
+def server_data(config: RunConfig, size: int) -> TextDataset:
+    """Examples only the server holds (disjoint from clients and test), for methods that need them."""
+    c = config.data
+    return server_split(load_text_dataset(c), c.test_size, c.train_size, size, config.run.seed)
 
 
 def client_partitions(config: RunConfig) -> list[np.ndarray]:
@@ -59,3 +65,8 @@ def derive_seed(*parts: int) -> int:
 
 def client_name(partition_id: int) -> str:
     return f"client-{partition_id}"
+
+
+def partition_id_of(client: str) -> int:
+    """Inverse of :func:`client_name`."""
+    return int(client.removeprefix("client-"))

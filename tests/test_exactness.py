@@ -29,7 +29,7 @@ def _aggregate_and_compare(method_name, tmp_path):
     method = get_method(small_config(tmp_path, federation={"method": method_name}))
     method.server_init(load_model(method.config))
     model = method.server_model()
-    updates = _random_updates(method.server_downlink("client-0"), seed=0)
+    updates = _random_updates(method.uplink_template("client-0"), seed=0)
     p = torch.tensor(WEIGHTS, dtype=torch.float32) / sum(WEIGHTS)
 
     per_client = []
@@ -60,3 +60,59 @@ def test_fedit_is_not_exact(tmp_path):
     _, intended, actual = _aggregate_and_compare("fedit", tmp_path)
     gaps = [(actual[n] - intended[n]).norm() / intended[n].norm() for n in intended]
     assert min(gaps) > 0.05  # averaging A and B separately misses the cross terms
+
+
+def _flora_round(tmp_path, ranks, participants):
+    config = small_config(tmp_path, federation={"method": "flora"}, lora={"client_ranks": ranks})
+    method = get_method(config)
+    method.server_init(load_model(config))
+    before = {p: base.weight.detach().clone() for p, base in method.targets.items()}
+    g = torch.Generator().manual_seed(3)
+    updates = [
+        ClientUpdate(c, {n: torch.randn(t.shape, generator=g) * 0.05 for n, t in method.uplink_template(c).items()}, w)
+        for c, w in zip(participants, WEIGHTS)
+    ]
+    method.server_aggregate(updates)
+    return method, before, updates
+
+
+def _flora_intended(method, path, updates):
+    total = sum(u.num_examples for u in updates)
+    alpha = method.config.lora.alpha
+    return sum(
+        (u.num_examples / total) * (alpha / method.rank(u.client))
+        * u.tensors[f"base_model.model.{path}.lora_B.default.weight"]
+        @ u.tensors[f"base_model.model.{path}.lora_A.default.weight"]
+        for u in updates
+    )
+
+
+def test_flora_stacking_is_exact(tmp_path):
+    for ranks, participants in [
+        ([4, 4, 4], ["client-0", "client-1", "client-2"]),  # homogeneous
+        ([2, 4, 8], ["client-0", "client-1", "client-2"]),  # heterogeneous
+        ([2, 4, 8], ["client-0", "client-2"]),  # partial participation
+    ]:
+        method, before, updates = _flora_round(tmp_path, ranks, participants)
+        for path, base in method.targets.items():
+            torch.testing.assert_close(base.weight - before[path], _flora_intended(method, path, updates), rtol=1e-5, atol=1e-6)
+        # The global rank is the sum of the participants' ranks.
+        factors = method.history[-1]
+        path = next(iter(method.targets))
+        assert factors[f"{path}.A"].shape[0] == sum(method.rank(c) for c in participants)
+        # The head is averaged by examples.
+        head = next(n for n in updates[0].tensors if "lora_" not in n)
+        total = sum(u.num_examples for u in updates)
+        expected_head = sum(u.num_examples / total * u.tensors[head] for u in updates)
+        plain = head.removeprefix("base_model.model.").replace(".modules_to_save.default", "")
+        torch.testing.assert_close(method.server_downlink("client-1")["head/" + plain], expected_head)
+
+
+def test_fed_sb_is_exact(tmp_path):
+    method, intended, actual = _aggregate_and_compare("fed_sb", tmp_path)
+    for name in intended:
+        torch.testing.assert_close(actual[name], intended[name], rtol=1e-5, atol=1e-6)
+    # Only the r x r matrices (and the head) are averaged: A and B stay the bases.
+    r = method.config.lora.rank
+    shapes = {tuple(t.shape) for n, t in method.uplink_template("client-0").items() if "lora" in n}
+    assert shapes == {(r, r)}

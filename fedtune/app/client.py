@@ -7,17 +7,18 @@ from __future__ import annotations
 import time
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedtune import wire
 from fedtune.app.server import RECORD
 from fedtune.config import RunConfig
 from fedtune.errors import FedtuneError
-from fedtune.methods import get_method
+from fedtune.methods import ClientJob, get_method
 from fedtune.task import client_data, client_name, config_from_json, derive_seed, load_model
 
 app = ClientApp()
+STATE = "fedtune.state"  # the method's client state, kept on the node between rounds
 
 
 def _partition_id(context: Context, config: RunConfig) -> int:
@@ -52,10 +53,15 @@ def train(msg: Message, context: Context) -> Message:
     pid = _partition_id(context, config)
     down = wire.decode(msg.content[RECORD]["payload"])
     method = get_method(config)
-    classifier, data = load_model(config), client_data(config, pid)
+    state = context.state[STATE].to_torch_state_dict() if STATE in context.state else {}
+    seed = derive_seed(config.run.seed, down.round, pid)
+    job = ClientJob(client_name(pid), pid, client_data(config, pid), seed, state)
+    classifier = load_model(config)
     started = time.perf_counter()
-    result = method.client_train(classifier, down.tensors, data, derive_seed(config.run.seed, down.round, pid))
+    result = method.client_train(classifier, down.tensors, job)
     metrics = {**result.metrics, "train_time_s": time.perf_counter() - started}
+    if job.state:
+        context.state[STATE] = ArrayRecord(torch_state_dict=job.state)
     up = wire.Payload(method.name, down.round, client_name(pid), result.tensors, result.num_examples)
     content = RecordDict({RECORD: ConfigRecord({"payload": wire.encode(up)}), "metrics": MetricRecord(metrics)})
     return Message(content, reply_to=msg)

@@ -30,6 +30,7 @@ from fedtune.training import evaluate
 
 log = logging.getLogger("fedtune")
 RECORD = "fedtune"  # key of our ConfigRecord in every Flower message
+ADAPTER = "adapter"  # the exported global model, inside the run directory
 
 
 def serve(grid: Grid, config: RunConfig, run_dir: Path) -> dict:
@@ -65,6 +66,7 @@ def serve(grid: Grid, config: RunConfig, run_dir: Path) -> dict:
         evaluate_and_record(rnd, train_metrics)
     bar.close()
 
+    method.export(run_dir / ADAPTER)
     summary = report.summarize(config, rows, ledger, baselines, time.perf_counter() - started)
     report.finish(run_dir, rows, summary)
     return summary
@@ -152,6 +154,7 @@ def _train_round(
     if not losses:
         return updates, {}
     return updates, {
+        "aggregated": len(updates),  # "clients" in the row counts every uplink, rejected ones too
         "train_loss": float(np.mean(losses)),
         # Wall time of the training phase against the clients' own training time:
         # their ratio is the framework's overhead (benchmarks/round_overhead.py).

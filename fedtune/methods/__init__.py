@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from fedtune.config import RunConfig
 from fedtune.errors import FedtuneError
-from fedtune.methods.base import ClientUpdate, LocalResult, Method
+from fedtune.methods.base import ClientJob, ClientUpdate, LocalResult, Method
+from fedtune.methods.fed_sb import FedSB
 from fedtune.methods.fedit import FedIT
 from fedtune.methods.ffa_lora import FFALoRA
+from fedtune.methods.flora import FLoRA
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (FedIT, FFALoRA)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (FedIT, FFALoRA, FLoRA, FedSB)}
 
 
 def get_method(config: RunConfig) -> Method:
@@ -18,4 +20,4 @@ def get_method(config: RunConfig) -> Method:
     return METHODS[name](config)
 
 
-__all__ = ["METHODS", "ClientUpdate", "LocalResult", "Method", "get_method"]
+__all__ = ["METHODS", "ClientJob", "ClientUpdate", "LocalResult", "Method", "get_method"]

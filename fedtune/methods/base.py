@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -18,6 +19,7 @@ from torch import nn
 
 from fedtune.config import RunConfig
 from fedtune.data import TextDataset
+from fedtune.errors import FedtuneError
 from fedtune.models import Classifier
 from fedtune.wire import TensorDict
 
@@ -32,6 +34,19 @@ class LocalResult:
 
 
 @dataclass(frozen=True)
+class ClientJob:
+    """What a client's local round works with, besides its model and downlink."""
+
+    client: str
+    partition_id: int
+    data: TextDataset
+    seed: int  # unique per (run, round, client), so that every run is reproducible
+    # The client's own memory between rounds: the method reads and updates it in
+    # place, the app keeps it on the node. It is never sent.
+    state: TensorDict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class ClientUpdate:
     """One client's decoded uplink, as the server aggregates it."""
 
@@ -43,7 +58,15 @@ class ClientUpdate:
 class Method(ABC):
     name: ClassVar[str]
 
+    # Whether clients may train adapters of different ranks (lora.client_ranks).
+    heterogeneous_ranks: ClassVar[bool] = False
+
     def __init__(self, config: RunConfig) -> None:
+        if config.lora.client_ranks and not self.heterogeneous_ranks:
+            raise FedtuneError(
+                f"lora.client_ranks is set but federation.method {self.name!r} needs one rank for all "
+                "clients; use method 'flora' or remove lora.client_ranks"
+            )
         self.config = config
 
     # -- server half ---------------------------------------------------------
@@ -59,11 +82,15 @@ class Method(ABC):
     def server_aggregate(self, updates: list[ClientUpdate]) -> None:
         """Fold one round's updates (sorted by client name) into the global state."""
 
+    def uplink_template(self, client: str) -> TensorDict:
+        """Tensors with the names, shapes and dtypes ``client`` must send (values
+        unused). By default: what it was sent."""
+        return self.server_downlink(client)
+
     def server_check(self, update: ClientUpdate) -> str | None:
-        """Why ``update`` must not be aggregated, or None if it may. By default an
-        update holds exactly the tensors its client was sent, same shapes and dtypes,
-        all finite, from at least one example; methods whose uplink differs override it."""
-        expected = self.server_downlink(update.client)
+        """Why ``update`` must not be aggregated, or None if it may: it must match
+        the uplink template, be finite and come from at least one example."""
+        expected = self.uplink_template(update.client)
         if update.tensors.keys() != expected.keys():
             return f"tensor names differ from the {len(expected)} sent (got {len(update.tensors)})"
         for name, t in update.tensors.items():
@@ -77,15 +104,16 @@ class Method(ABC):
 
     @abstractmethod
     def server_model(self) -> nn.Module:
-        """The current global model, ready to evaluate or export."""
+        """The current global model, ready to evaluate."""
+
+    @abstractmethod
+    def export(self, directory: Path) -> None:
+        """Save the global model where the standard libraries load it (see README)."""
 
     # -- client half ---------------------------------------------------------
     @abstractmethod
-    def client_train(
-        self, classifier: Classifier, downlink: TensorDict, data: TextDataset, seed: int
-    ) -> LocalResult:
-        """Start from ``downlink``, train locally on ``data``, return what to send up.
+    def client_train(self, classifier: Classifier, downlink: TensorDict, job: ClientJob) -> LocalResult:
+        """Start from ``downlink``, train locally on ``job.data``, return what to send up.
 
-        ``classifier`` is a freshly loaded base model the method may modify; ``seed``
-        is unique per (run, round, client) so that every run is reproducible.
+        ``classifier`` is a freshly loaded base model the method may modify.
         """

@@ -5,11 +5,18 @@ exact methods (FFA-LoRA, FLoRA, Fed-SB) exist because of that gap."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from peft import PeftModel
 
-from fedtune.data import TextDataset
-from fedtune.methods.base import ClientUpdate, LocalResult, Method
-from fedtune.methods.lora import load_trainable_state, trainable_state, weighted_average, wrap_with_lora
+from fedtune.methods.base import ClientJob, ClientUpdate, LocalResult, Method
+from fedtune.methods.lora import (
+    load_trainable_state,
+    save_adapter,
+    trainable_state,
+    weighted_average,
+    wrap_with_lora,
+)
 from fedtune.models import Classifier
 from fedtune.training import train_steps
 from fedtune.wire import TensorDict
@@ -23,6 +30,7 @@ class FedIT(Method):
         return wrap_with_lora(classifier, self.config.lora, seed)
 
     def server_init(self, classifier: Classifier) -> None:
+        self.classifier = classifier
         self.model = self.wrap(classifier, self.config.run.seed)
         self.global_tensors = trainable_state(self.model)
 
@@ -36,12 +44,13 @@ class FedIT(Method):
     def server_model(self) -> PeftModel:
         return self.model
 
-    def client_train(
-        self, classifier: Classifier, downlink: TensorDict, data: TextDataset, seed: int
-    ) -> LocalResult:
-        model = self.wrap(classifier, seed)
+    def export(self, directory: Path) -> None:
+        save_adapter(self.model, self.classifier, directory)
+
+    def client_train(self, classifier: Classifier, downlink: TensorDict, job: ClientJob) -> LocalResult:
+        model = self.wrap(classifier, job.seed)
         load_trainable_state(model, downlink)
         t = self.config.train
-        loss = train_steps(model, classifier, data, t.local_steps, t.batch_size, t.lr, t.weight_decay, seed)
+        loss = train_steps(model, classifier, job.data, t.local_steps, t.batch_size, t.lr, t.weight_decay, job.seed)
         # FedAvg weights by local dataset size, not by examples processed.
-        return LocalResult(trainable_state(model), len(data), {"train_loss": loss})
+        return LocalResult(trainable_state(model), len(job.data), {"train_loss": loss})

@@ -1,19 +1,26 @@
-"""LoRA plumbing shared by the adapter methods: wrap a classifier, read and write
-its trainable tensors by name, average them."""
+"""LoRA plumbing shared by the adapter methods: wrap a classifier, find its LoRA
+layers, read and write its trainable tensors by name, average them, export them."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import warnings
+from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
 from peft.utils.error import NoMatchingPeftModuleError
 
-from fedtune.config import LoraSection
+from fedtune.config import LoraSection, RunConfig
 from fedtune.errors import FedtuneError
 from fedtune.methods.base import ClientUpdate
 from fedtune.models import Classifier
+from fedtune.task import load_model
 from fedtune.wire import TensorDict
+
+PREFIX = "base_model.model."  # where PeftModel puts the wrapped model's names
 
 
 # peft 0.21 still calls a transformers 5 method that warns of its own rename, once per wrap.
@@ -65,3 +72,32 @@ def weighted_average(updates: list[ClientUpdate]) -> TensorDict:
         name: sum((u.num_examples / total) * u.tensors[name] for u in updates)
         for name in updates[0].tensors
     }
+
+
+def lora_layers(model: PeftModel) -> dict[str, LoraLayer]:
+    """The LoRA-wrapped layers, keyed by their path in the unwrapped model."""
+    return {n.removeprefix(PREFIX): m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+def save_adapter(model: PeftModel, classifier: Classifier, directory: Path) -> None:
+    """A PEFT adapter directory (LoRA weights and the trained head), the tokenizer,
+    and fedtune.json with what a loader needs besides: label count, pad token, prompt."""
+    model.save_pretrained(directory)
+    classifier.tokenizer.save_pretrained(directory)
+    info = {
+        "base_model": model.peft_config["default"].base_model_name_or_path,
+        "num_labels": model.config.num_labels,
+        "pad_token_id": classifier.tokenizer.pad_token_id,
+        "prompt": classifier.prompt,
+        "max_length": classifier.max_length,
+    }
+    (directory / "fedtune.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+def export_as_lora(config: RunConfig, rank: int, alpha: float, tensors: TensorDict, directory: Path) -> None:
+    """Save ``tensors`` (every lora_A, lora_B and head tensor of a standard LoRA
+    adapter of this rank and alpha) with :func:`save_adapter`, on a fresh base model."""
+    classifier = load_model(config)
+    model = wrap_with_lora(classifier, dataclasses.replace(config.lora, rank=rank, alpha=alpha), config.run.seed)
+    load_trainable_state(model, tensors)
+    save_adapter(model, classifier, directory)

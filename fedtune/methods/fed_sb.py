@@ -1,0 +1,150 @@
+"""Fed-SB (Singhal et al., 2025) on LoRA-SB (Ponkshe et al., 2024): each LoRA layer's
+update is B R A with B and A fixed and only the r x r matrix R trained, sent and
+averaged. The update is linear in R, so averaging is exact: B mean(R) A = mean(B R A).
+
+B and A come from a truncated SVD of an approximate first full-fine-tuning update,
+-lr * sign(sum of gradients) (Adam's first step), as in LoRA-SB's reference. That
+gradient is taken on calibration examples only the server holds, disjoint from every
+client's data and the test set: the bases depend on no client's data, so they reveal
+nothing about it and cost no privacy budget under DP. R starts at zero (the model
+starts as the base model) and each round every client starts from the global R.
+
+A client receives the bases once, on its first round, and keeps them as its client
+state; after that its downlink is only R and the head.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from peft import PeftModel
+from torch import nn
+from torch.nn.utils import parametrize
+
+from fedtune.config import RunConfig
+from fedtune.data import TextDataset
+from fedtune.errors import FedtuneError
+from fedtune.methods.base import ClientJob, ClientUpdate, LocalResult, Method
+from fedtune.methods.lora import (
+    PREFIX,
+    export_as_lora,
+    load_trainable_state,
+    lora_layers,
+    trainable_state,
+    weighted_average,
+    wrap_with_lora,
+)
+from fedtune.models import Classifier
+from fedtune.task import server_data
+from fedtune.training import train_steps
+from fedtune.wire import TensorDict
+
+BASIS = "basis/"
+
+
+class _TimesBasis(nn.Module):
+    """Parametrizes lora_B as basis @ R: the trainable tensor is the r x r matrix R."""
+
+    def __init__(self, basis: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("basis", basis)
+
+    def forward(self, r: torch.Tensor) -> torch.Tensor:
+        return self.basis @ r
+
+    def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
+        return self.basis.T @ weight  # exact for weights in the basis' span (orthonormal columns)
+
+
+class FedSB(Method):
+    name = "fed_sb"
+
+    def wrap(self, classifier: Classifier, bases: TensorDict, seed: int) -> PeftModel:
+        """LoRA with A and B fixed to ``bases`` and R (zero) trainable in each layer."""
+        model = wrap_with_lora(classifier, self.config.lora, seed)
+        for path, layer in lora_layers(model).items():
+            a, b = layer.lora_A["default"], layer.lora_B["default"]
+            with torch.no_grad():
+                a.weight.copy_(bases[f"{path}.A"])
+                b.weight.zero_()
+            a.weight.requires_grad_(False)
+            parametrize.register_parametrization(b, "weight", _TimesBasis(bases[f"{path}.B"]), unsafe=True)
+        return model
+
+    # -- server ----------------------------------------------------------------
+    def server_init(self, classifier: Classifier) -> None:
+        self.classifier = classifier
+        calibration = server_data(self.config, self.config.fed_sb.calibration_size)
+        self.bases = _bases_from_first_update(classifier, calibration, self.config)
+        self.model = self.wrap(classifier, self.bases, self.config.run.seed)
+        self.global_tensors = trainable_state(self.model)
+        self.has_bases: set[str] = set()
+
+    def server_downlink(self, client: str) -> TensorDict:
+        if client in self.has_bases:
+            return self.global_tensors
+        return self.global_tensors | {BASIS + n: t for n, t in self.bases.items()}
+
+    def uplink_template(self, client: str) -> TensorDict:
+        return self.global_tensors
+
+    def server_aggregate(self, updates: list[ClientUpdate]) -> None:
+        self.global_tensors = weighted_average(updates)
+        load_trainable_state(self.model, self.global_tensors)
+        self.has_bases.update(u.client for u in updates)
+
+    def server_model(self) -> PeftModel:
+        return self.model
+
+    def export(self, directory: Path) -> None:
+        """As a standard LoRA adapter: lora_A = A, lora_B = B R, same scaling."""
+        tensors = {n: t for n, t in self.global_tensors.items() if "lora_B" not in n}
+        for path, layer in lora_layers(self.model).items():
+            tensors[f"{PREFIX}{path}.lora_B.default.weight"] = layer.lora_B["default"].weight.detach()
+            tensors[f"{PREFIX}{path}.lora_A.default.weight"] = self.bases[f"{path}.A"]
+        export_as_lora(self.config, self.config.lora.rank, self.config.lora.alpha, tensors, directory)
+
+    # -- client ----------------------------------------------------------------
+    def client_train(self, classifier: Classifier, downlink: TensorDict, job: ClientJob) -> LocalResult:
+        if any(n.startswith(BASIS) for n in downlink):
+            job.state.clear()
+            job.state.update({n.removeprefix(BASIS): t for n, t in downlink.items() if n.startswith(BASIS)})
+        if not job.state:
+            raise FedtuneError(f"{job.client} holds no Fed-SB bases and the server sent none")
+        model = self.wrap(classifier, job.state, job.seed)
+        load_trainable_state(model, {n: t for n, t in downlink.items() if not n.startswith(BASIS)})
+        t = self.config.train
+        loss = train_steps(model, classifier, job.data, t.local_steps, t.batch_size, t.lr, t.weight_decay, job.seed)
+        return LocalResult(trainable_state(model), len(job.data), {"train_loss": loss})
+
+
+def _bases_from_first_update(classifier: Classifier, data: TextDataset, config: RunConfig) -> TensorDict:
+    """Per LoRA layer, A (r x in) and B (out x r): the top-r right and left singular
+    vectors of -sign(sum of the calibration gradients of its base weight). (Adam's
+    first step also has the factor lr, which changes no singular vector.)"""
+    peft = wrap_with_lora(classifier, config.lora, config.run.seed)
+    weights = {path: layer.base_layer.weight for path, layer in lora_layers(peft).items()}
+    rank = config.lora.rank
+    if too_small := next((p for p, w in weights.items() if min(w.shape) < rank), None):
+        raise FedtuneError(f"lora.rank {rank} exceeds the smaller side of layer {too_small} {tuple(weights[too_small].shape)}")
+    for p in peft.parameters():
+        p.requires_grad_(False)
+    try:
+        for w in weights.values():
+            w.requires_grad_(True)
+        batch = config.train.batch_size
+        for start in range(0, len(data), batch):  # eval mode: no dropout, the same bases every time
+            logits = peft(**classifier.encode(data.texts[start : start + batch])).logits
+            F.cross_entropy(logits, torch.as_tensor(data.labels[start : start + batch]), reduction="sum").backward()
+    finally:
+        for w in weights.values():
+            w.requires_grad_(False)
+        peft.unload()
+    bases = {}
+    for path, w in weights.items():
+        u, _, vh = torch.linalg.svd(-torch.sign(w.grad), full_matrices=False)
+        bases[f"{path}.A"], bases[f"{path}.B"] = vh[:rank].contiguous(), u[:, :rank].contiguous()
+        w.grad = None
+    return bases

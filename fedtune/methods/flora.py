@@ -1,0 +1,136 @@
+"""FLoRA (Wang et al., 2024): clients train LoRA adapters of different ranks and the
+server stacks them, which sums their products exactly. With p_k client k's share of
+the examples and s_k = alpha / r_k its PEFT scaling,
+
+    B = [B_1 ... B_K],   A = [p_1 s_1 A_1; ...; p_K s_K A_K]   =>   B A = sum_k p_k s_k B_k A_k.
+
+Each round the stacked product is merged into the base weights and clients start
+fresh adapters on the merged model; the head, trained in full, is averaged.
+
+A client rebuilds the merged model from the stacked factors of every round it has
+not applied yet and keeps the merged weights as its client state. The downlink so
+grows with the participants' total rank, and with the rounds a client sat out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fedtune.methods.base import ClientJob, ClientUpdate, LocalResult, Method
+from fedtune.methods.lora import PREFIX, export_as_lora, lora_layers, trainable_state, weighted_average, wrap_with_lora
+from fedtune.models import Classifier
+from fedtune.task import partition_id_of
+from fedtune.training import train_steps
+from fedtune.wire import TensorDict
+
+HEAD = "head/"
+SYNCED = "synced_round"  # client state: the last round whose factors it has merged
+FACTOR = re.compile(r"round(\d+)/(.+)\.(A|B)$")
+
+
+class FLoRA(Method):
+    name = "flora"
+    heterogeneous_ranks = True
+
+    def rank(self, client: str) -> int:
+        ranks = self.config.lora.client_ranks
+        return ranks[partition_id_of(client)] if ranks else self.config.lora.rank
+
+    # -- server ----------------------------------------------------------------
+    def server_init(self, classifier: Classifier) -> None:
+        # Wrap once to learn PEFT's layer and head names, then unwrap: the global
+        # model is the plain one, into which each round is merged.
+        peft = wrap_with_lora(classifier, self.config.lora, self.config.run.seed)
+        self.targets = {path: layer.base_layer for path, layer in lora_layers(peft).items()}
+        self.head_names = [n for n in trainable_state(peft) if "lora_" not in n]
+        self.model = peft.unload()
+        self.params = dict(self.model.named_parameters())
+        self.history: list[TensorDict] = []  # stacked factors, one entry per round
+        self.synced: dict[str, int] = {}
+
+    def server_downlink(self, client: str) -> TensorDict:
+        down = {
+            f"round{t}/{name}": tensor
+            for t in range(self.synced.get(client, 0) + 1, len(self.history) + 1)
+            for name, tensor in self.history[t - 1].items()
+        }
+        return down | {HEAD + _plain(n): self.params[_plain(n)].detach() for n in self.head_names}
+
+    def uplink_template(self, client: str) -> TensorDict:
+        r = self.rank(client)
+        template = {n: self.params[_plain(n)] for n in self.head_names}
+        for path, base in self.targets.items():
+            template[f"{PREFIX}{path}.lora_A.default.weight"] = torch.empty(r, base.in_features)
+            template[f"{PREFIX}{path}.lora_B.default.weight"] = torch.empty(base.out_features, r)
+        return template
+
+    def server_aggregate(self, updates: list[ClientUpdate]) -> None:
+        total = sum(u.num_examples for u in updates)
+        factors = {}
+        with torch.no_grad():
+            for path, base in self.targets.items():
+                a = torch.cat([
+                    (u.num_examples / total) * (self.config.lora.alpha / self.rank(u.client))
+                    * u.tensors[f"{PREFIX}{path}.lora_A.default.weight"]
+                    for u in updates
+                ])
+                b = torch.cat([u.tensors[f"{PREFIX}{path}.lora_B.default.weight"] for u in updates], dim=1)
+                base.weight += b @ a
+                factors[f"{path}.A"], factors[f"{path}.B"] = a, b
+            for name, value in weighted_average([_head_only(u, self.head_names) for u in updates]).items():
+                self.params[_plain(name)].copy_(value)
+        for u in updates:  # they merged every round so far before training
+            self.synced[u.client] = len(self.history)
+        self.history.append(factors)
+
+    def server_model(self) -> nn.Module:
+        return self.model
+
+    def export(self, directory: Path) -> None:
+        """All rounds' stacked factors side by side are one standard LoRA adapter
+        (scaling 1) whose product is the total merged change."""
+        tensors = {n: self.params[_plain(n)].detach() for n in self.head_names}
+        for path in self.targets:
+            tensors[f"{PREFIX}{path}.lora_A.default.weight"] = torch.cat([h[f"{path}.A"] for h in self.history])
+            tensors[f"{PREFIX}{path}.lora_B.default.weight"] = torch.cat([h[f"{path}.B"] for h in self.history], 1)
+        rank = sum(h[f"{path}.A"].shape[0] for h in self.history)
+        export_as_lora(self.config, rank, float(rank), tensors, directory)
+
+    # -- client ----------------------------------------------------------------
+    def client_train(self, classifier: Classifier, downlink: TensorDict, job: ClientJob) -> LocalResult:
+        params = dict(classifier.model.named_parameters())
+        synced = int(job.state.pop(SYNCED, torch.tensor(0)))
+        # Rounds not merged yet, in order (the server may resend one it already has).
+        new = sorted(
+            (int(m[1]), m[2]) for n in downlink if (m := FACTOR.match(n)) and m[3] == "A" and int(m[1]) > synced
+        )
+        with torch.no_grad():
+            for name, merged in job.state.items():
+                params[name].copy_(merged)
+            for rnd, path in new:
+                params[f"{path}.weight"] += downlink[f"round{rnd}/{path}.B"] @ downlink[f"round{rnd}/{path}.A"]
+            for name, tensor in downlink.items():
+                if name.startswith(HEAD):
+                    params[name.removeprefix(HEAD)].copy_(tensor)
+        job.state.update({f"{path}.weight": params[f"{path}.weight"].detach().clone() for _, path in new})
+        job.state[SYNCED] = torch.tensor(max([synced, *(rnd for rnd, _ in new)]))
+
+        lora = dataclasses.replace(self.config.lora, rank=self.rank(job.client))
+        model = wrap_with_lora(classifier, lora, job.seed)
+        t = self.config.train
+        loss = train_steps(model, classifier, job.data, t.local_steps, t.batch_size, t.lr, t.weight_decay, job.seed)
+        return LocalResult(trainable_state(model), len(job.data), {"train_loss": loss})
+
+
+def _plain(peft_name: str) -> str:
+    """A head parameter's name in the unwrapped model."""
+    return peft_name.removeprefix(PREFIX).replace(".modules_to_save.default", "")
+
+
+def _head_only(update: ClientUpdate, head_names: list[str]) -> ClientUpdate:
+    return ClientUpdate(update.client, {n: update.tensors[n] for n in head_names}, update.num_examples)
