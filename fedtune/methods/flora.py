@@ -65,8 +65,8 @@ class FLoRA(Method):
         r = self.rank(client)
         template = {n: self.params[_plain(n)] for n in self.head_names}
         for path, base in self.targets.items():
-            template[f"{PREFIX}{path}.lora_A.default.weight"] = torch.empty(r, base.in_features)
-            template[f"{PREFIX}{path}.lora_B.default.weight"] = torch.empty(base.out_features, r)
+            template[f"{PREFIX}{path}.lora_A.default.weight"] = torch.zeros(r, base.in_features)
+            template[f"{PREFIX}{path}.lora_B.default.weight"] = torch.zeros(base.out_features, r)
         return template
 
     def server_aggregate(self, updates: list[ClientUpdate]) -> None:

@@ -1,0 +1,51 @@
+"""Every method's result loads with transformers + PEFT alone and predicts as in fedtune."""
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from conftest import small_config
+from fedtune.methods import METHODS, ClientUpdate, get_method
+from fedtune.task import load_model, load_splits
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_export_reloads_with_the_same_predictions(tmp_path, name):
+    lora = {"client_ranks": [2, 4, 8]} if METHODS[name].heterogeneous_ranks else {}
+    config = small_config(tmp_path, federation={"method": name}, lora=lora)
+    method = get_method(config)
+    classifier = load_model(config)
+    method.server_init(classifier)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(2):  # two rounds of random updates, so that nothing is at its initial value
+        method.server_aggregate([
+            ClientUpdate(c, {n: t + 0.1 * torch.randn(t.shape, generator=g) for n, t in method.uplink_template(c).items()}, 10 + i)
+            for i, c in enumerate(["client-0", "client-1", "client-2"])
+        ])
+    texts = load_splits(config)[1].texts[:16]
+    with torch.no_grad():
+        expected = method.server_model()(**classifier.encode(texts)).logits
+
+    out = tmp_path / "adapter"
+    method.export(out)
+    info = json.loads((out / "fedtune.json").read_text())
+    base = AutoModelForSequenceClassification.from_pretrained(
+        info["base_model"], num_labels=info["num_labels"], pad_token_id=info["pad_token_id"]
+    )
+    model = PeftModel.from_pretrained(base, out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    batch = tokenizer(texts, padding=True, truncation=True, max_length=info["max_length"], return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**batch).logits
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+    assert torch.equal(logits.argmax(-1), expected.argmax(-1))
+    assert not torch.allclose(expected, classifier_logits_before(config, texts), atol=1e-3)
+
+
+def classifier_logits_before(config, texts):
+    fresh = load_model(config)
+    with torch.no_grad():
+        return fresh.model(**fresh.encode(texts)).logits

@@ -1,0 +1,73 @@
+"""Fed-SB beyond the aggregation math: where its bases come from and how they travel."""
+
+import pytest
+import torch
+
+from conftest import small_config
+from fedtune.errors import FedtuneError
+from fedtune.methods import ClientJob, ClientUpdate, get_method
+from fedtune.task import client_data, load_model, load_splits, server_data
+
+RANK = 4
+
+
+@pytest.fixture
+def fed_sb(tmp_path):
+    config = small_config(tmp_path, federation={"method": "fed_sb"}, lora={"rank": RANK}, fed_sb={"calibration_size": 16})
+    method = get_method(config)
+    method.server_init(load_model(config))
+    return method
+
+
+def test_bases_are_orthonormal_deterministic_and_from_server_data_only(fed_sb):
+    eye = torch.eye(RANK)
+    for name, basis in fed_sb.bases.items():
+        gram = basis @ basis.T if name.endswith(".A") else basis.T @ basis
+        torch.testing.assert_close(gram, eye, atol=1e-5, rtol=0)
+    again = get_method(fed_sb.config)
+    again.server_init(load_model(fed_sb.config))
+    assert all(torch.equal(again.bases[n], b) for n, b in fed_sb.bases.items())
+
+    calibration = set(server_data(fed_sb.config, 16).texts)
+    train, test = load_splits(fed_sb.config)
+    assert len(calibration) == 16 and not calibration & (set(train.texts) | set(test.texts))
+
+
+def test_model_starts_as_the_base_model(fed_sb):
+    classifier = load_model(fed_sb.config)
+    batch = classifier.encode(load_splits(fed_sb.config)[1].texts[:8])
+    with torch.no_grad():
+        torch.testing.assert_close(fed_sb.server_model()(**batch).logits, classifier.model(**batch).logits)
+
+
+def test_bases_travel_once_and_clients_train_only_r(fed_sb):
+    first = fed_sb.server_downlink("client-0")
+    assert {n.removeprefix("basis/") for n in first if n.startswith("basis/")} == fed_sb.bases.keys()
+    job = ClientJob("client-0", 0, client_data(fed_sb.config, 0), seed=3)
+    result = fed_sb.client_train(load_model(fed_sb.config), first, job)
+    assert job.state.keys() == fed_sb.bases.keys()
+    r_names = [n for n in result.tensors if "lora" in n]
+    assert r_names and all(result.tensors[n].shape == (RANK, RANK) for n in r_names)
+    assert any(not torch.equal(result.tensors[n], first[n]) for n in r_names)
+
+    fed_sb.server_aggregate([ClientUpdate("client-0", result.tensors, result.num_examples)])
+    later = fed_sb.server_downlink("client-0")
+    assert not any(n.startswith("basis/") for n in later)
+    assert any(n.startswith("basis/") for n in fed_sb.server_downlink("client-1"))  # not confirmed yet
+    # Next round starts from the global R, with the bases the client kept.
+    fed_sb.client_train(load_model(fed_sb.config), later, job)
+
+    stranger = ClientJob("client-1", 1, client_data(fed_sb.config, 1), seed=3)
+    with pytest.raises(FedtuneError, match="client-1 holds no Fed-SB bases and the server sent none"):
+        fed_sb.client_train(load_model(fed_sb.config), later, stranger)
+
+
+def test_config_errors(tmp_path):
+    config = small_config(tmp_path, federation={"method": "fed_sb"}, lora={"rank": 500})
+    with pytest.raises(FedtuneError, match=r"lora.rank 500 exceeds the smaller side of layer .* \(384, 384\)"):
+        get_method(config).server_init(load_model(config))
+    config = small_config(tmp_path, federation={"method": "fed_sb"}, data={"train_size": 0})
+    with pytest.raises(FedtuneError, match="data.train_size = 0 gives every example to the clients"):
+        get_method(config).server_init(load_model(config))
+    with pytest.raises(FedtuneError, match="fed_sb.calibration_size must be >= 1"):
+        small_config(tmp_path, fed_sb={"calibration_size": 0})
