@@ -25,7 +25,7 @@ CELLS = {
 }
 
 
-def run_cell(config: str, out: Path, label: str, overrides: list[str]) -> dict:
+def run_cell(config: str, out: Path, label: str, overrides: list[str]) -> Path:
     cell_dir = out / label.replace(" ", "_").replace("(", "").replace(")", "").replace(",", "-").replace("=", "")
     done = list(cell_dir.glob("*/summary.json"))
     if not done:
@@ -34,7 +34,17 @@ def run_cell(config: str, out: Path, label: str, overrides: list[str]) -> dict:
         print("$", " ".join(cmd[1:]), flush=True)
         subprocess.run(cmd, check=True)
         done = list(cell_dir.glob("*/summary.json"))
-    return json.loads(done[0].read_text())
+    return done[0].parent
+
+
+def first_and_later_downlink(run_dir: Path) -> tuple[float, float]:
+    """Mean downlink payload per client in round 1 and in later rounds: some methods
+    send a one-off setup (Fed-SB's bases) or a history that grows (FLoRA)."""
+    down = [json.loads(line) for line in (run_dir / "ledger.jsonl").read_text().splitlines()]
+    down = [t for t in down if t["direction"] == "down"]
+    first = [t["payload_bytes"] for t in down if t["round"] == 1]
+    later = [t["payload_bytes"] for t in down if t["round"] > 1]
+    return sum(first) / len(first), sum(later) / max(len(later), 1)
 
 
 def main() -> None:
@@ -44,17 +54,19 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="labels of the cells to run (default: all)")
     args = parser.parse_args()
     cells = {k: v for k, v in CELLS.items() if not args.only or k in args.only}
-    summaries = {label: run_cell(args.config, args.out, label, o) for label, o in cells.items()}
+    run_dirs = {label: run_cell(args.config, args.out, label, o) for label, o in cells.items()}
 
-    print(f"\n| method | final accuracy | bytes down / client-round | bytes up / client-round | wall |")
-    print("|---|---:|---:|---:|---:|")
-    for label, s in summaries.items():
+    print("\n| method | final accuracy | bytes up / client-round | bytes down / client-round | down, round 1 | down, later rounds |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for label, run_dir in run_dirs.items():
+        s = json.loads((run_dir / "summary.json").read_text())
+        first, later = first_and_later_downlink(run_dir)
         print(
-            f"| {label} | {s['final_accuracy']:.3f} | {s['bytes_per_client_round_down']:,} "
-            f"| {s['bytes_per_client_round_up']:,} | {s['wall_time_s'] / 60:.1f} min |"
+            f"| {label} | {s['final_accuracy']:.3f} | {s['bytes_per_client_round_up']:,} "
+            f"| {s['bytes_per_client_round_down']:,} | {first:,.0f} | {later:,.0f} |"
         )
-    zero_shot = next(iter(summaries.values()))["zero_shot_accuracy"]
-    print(f"\nzero-shot accuracy {zero_shot:.3f}")
+    summary = json.loads((next(iter(run_dirs.values())) / "summary.json").read_text())
+    print(f"\nzero-shot accuracy {summary['zero_shot_accuracy']:.3f}, majority class {summary['majority_accuracy']:.3f}")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ grows with the participants' total rank, and with the rounds a client sat out.
 from __future__ import annotations
 
 import dataclasses
-import re
 from pathlib import Path
 
 import torch
@@ -23,14 +22,13 @@ from torch import nn
 
 from fedtune.methods.base import ClientJob, ClientUpdate, LocalResult, Method
 from fedtune.methods.lora import PREFIX, export_as_lora, lora_layers, trainable_state, weighted_average, wrap_with_lora
+from fedtune.methods.replay import RoundLog, catch_up
 from fedtune.models import Classifier
 from fedtune.task import partition_id_of
 from fedtune.training import train_steps
 from fedtune.wire import TensorDict
 
 HEAD = "head/"
-SYNCED = "synced_round"  # client state: the last round whose factors it has merged
-FACTOR = re.compile(r"round(\d+)/(.+)\.(A|B)$")
 
 
 class FLoRA(Method):
@@ -50,16 +48,11 @@ class FLoRA(Method):
         self.head_names = [n for n in trainable_state(peft) if "lora_" not in n]
         self.model = peft.unload()
         self.params = dict(self.model.named_parameters())
-        self.history: list[TensorDict] = []  # stacked factors, one entry per round
-        self.synced: dict[str, int] = {}
+        self.log = RoundLog()  # each round's stacked factors
 
     def server_downlink(self, client: str) -> TensorDict:
-        down = {
-            f"round{t}/{name}": tensor
-            for t in range(self.synced.get(client, 0) + 1, len(self.history) + 1)
-            for name, tensor in self.history[t - 1].items()
-        }
-        return down | {HEAD + _plain(n): self.params[_plain(n)].detach() for n in self.head_names}
+        head = {HEAD + _plain(n): self.params[_plain(n)].detach() for n in self.head_names}
+        return self.log.missed(client) | head
 
     def uplink_template(self, client: str) -> TensorDict:
         r = self.rank(client)
@@ -84,9 +77,7 @@ class FLoRA(Method):
                 factors[f"{path}.A"], factors[f"{path}.B"] = a, b
             for name, value in weighted_average([_head_only(u, self.head_names) for u in updates]).items():
                 self.params[_plain(name)].copy_(value)
-        for u in updates:  # they merged every round so far before training
-            self.synced[u.client] = len(self.history)
-        self.history.append(factors)
+        self.log.append(factors, (u.client for u in updates))
 
     def server_model(self) -> nn.Module:
         return self.model
@@ -96,29 +87,26 @@ class FLoRA(Method):
         (scaling 1) whose product is the total merged change."""
         tensors = {n: self.params[_plain(n)].detach() for n in self.head_names}
         for path in self.targets:
-            tensors[f"{PREFIX}{path}.lora_A.default.weight"] = torch.cat([h[f"{path}.A"] for h in self.history])
-            tensors[f"{PREFIX}{path}.lora_B.default.weight"] = torch.cat([h[f"{path}.B"] for h in self.history], 1)
-        rank = sum(h[f"{path}.A"].shape[0] for h in self.history)
+            tensors[f"{PREFIX}{path}.lora_A.default.weight"] = torch.cat([d[f"{path}.A"] for d in self.log.deltas])
+            tensors[f"{PREFIX}{path}.lora_B.default.weight"] = torch.cat([d[f"{path}.B"] for d in self.log.deltas], 1)
+        rank = sum(d[f"{path}.A"].shape[0] for d in self.log.deltas)
         export_as_lora(self.config, rank, float(rank), tensors, directory)
 
     # -- client ----------------------------------------------------------------
     def client_train(self, classifier: Classifier, downlink: TensorDict, job: ClientJob) -> LocalResult:
         params = dict(classifier.model.named_parameters())
-        synced = int(job.state.pop(SYNCED, torch.tensor(0)))
-        # Rounds not merged yet, in order (the server may resend one it already has).
-        new = sorted(
-            (int(m[1]), m[2]) for n in downlink if (m := FACTOR.match(n)) and m[3] == "A" and int(m[1]) > synced
-        )
+
+        def merge(factors: TensorDict) -> list[str]:
+            paths = [name.removesuffix(".A") for name in factors if name.endswith(".A")]
+            for path in paths:
+                params[f"{path}.weight"] += factors[f"{path}.B"] @ factors[f"{path}.A"]
+            return [f"{path}.weight" for path in paths]
+
+        catch_up(classifier.model, downlink, job.state, merge)
         with torch.no_grad():
-            for name, merged in job.state.items():
-                params[name].copy_(merged)
-            for rnd, path in new:
-                params[f"{path}.weight"] += downlink[f"round{rnd}/{path}.B"] @ downlink[f"round{rnd}/{path}.A"]
             for name, tensor in downlink.items():
                 if name.startswith(HEAD):
                     params[name.removeprefix(HEAD)].copy_(tensor)
-        job.state.update({f"{path}.weight": params[f"{path}.weight"].detach().clone() for _, path in new})
-        job.state[SYNCED] = torch.tensor(max([synced, *(rnd for rnd, _ in new)]))
 
         lora = dataclasses.replace(self.config.lora, rank=self.rank(job.client))
         model = wrap_with_lora(classifier, lora, job.seed)
