@@ -96,6 +96,17 @@ class FedSBSection:
 
 
 @dataclass(frozen=True)
+class FedKSeedSection:
+    num_seeds: int = 4096  # K candidate seeds, derived from run.seed
+    eps: float = 1e-3  # perturbation scale of the two-point estimate
+    # Parameters tuned: substrings of their names; "head" is the classifier head,
+    # "all" every parameter. Empty: the layers LoRA would adapt, and the head.
+    params: list[str] = field(default_factory=list)
+    pro: bool = False  # FedKSeed-Pro: sample seeds by their history of |g|
+    encoding: str = "compact"  # "paper": per-step pairs up, dense K-vector down
+
+
+@dataclass(frozen=True)
 class SimulationSection:
     cpus_per_client: int = 1
     max_parallel_clients: int = 0  # 0 = as many as the machine's cores allow
@@ -111,6 +122,7 @@ class RunConfig:
     train: TrainSection = field(default_factory=TrainSection)
     lora: LoraSection = field(default_factory=LoraSection)
     fed_sb: FedSBSection = field(default_factory=FedSBSection)
+    fedkseed: FedKSeedSection = field(default_factory=FedKSeedSection)
     simulation: SimulationSection = field(default_factory=SimulationSection)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -238,6 +250,10 @@ def validate(c: RunConfig) -> None:
     )
     _require(all(r >= 1 for r in c.lora.client_ranks), "lora.client_ranks", "ranks >= 1", c.lora.client_ranks)
     _require(c.fed_sb.calibration_size >= 1, "fed_sb.calibration_size", ">= 1", c.fed_sb.calibration_size)
+    k = c.fedkseed
+    _require(1 <= k.num_seeds <= 2**31 - 1, "fedkseed.num_seeds", "between 1 and 2**31 - 1", k.num_seeds)
+    _require(k.eps > 0, "fedkseed.eps", "> 0", k.eps)
+    _require(k.encoding in ("paper", "compact"), "fedkseed.encoding", "'paper' or 'compact'", k.encoding)
     _require(
         c.simulation.cpus_per_client >= 1, "simulation.cpus_per_client", ">= 1", c.simulation.cpus_per_client
     )

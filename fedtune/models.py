@@ -199,6 +199,18 @@ def load_classifier(model_cfg: ModelSection, data_cfg: DataSection, num_labels: 
     )
 
 
+def export_info(directory: Path, classifier: Classifier, base_model: str) -> None:
+    """fedtune.json beside an exported model: what a loader needs besides the weights."""
+    info = {
+        "base_model": base_model,
+        "num_labels": classifier.model.config.num_labels,
+        "pad_token_id": classifier.tokenizer.pad_token_id,
+        "prompt": classifier.prompt,
+        "max_length": classifier.max_length,
+    }
+    (directory / "fedtune.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
 def _find_head(model: torch.nn.Module, num_labels: int, path: Path) -> tuple[str, torch.nn.Linear]:
     """The last top-level module that is or holds a Linear with num_labels outputs, and that Linear."""
     for name, child in reversed(list(model.named_children())):

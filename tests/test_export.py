@@ -9,6 +9,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from conftest import small_config
 from fedtune.methods import METHODS, ClientUpdate, get_method
+from fedtune.methods.fedkseed import FedKSeed, per_seed_sums
 from fedtune.task import load_model, load_splits
 
 
@@ -22,8 +23,7 @@ def test_export_reloads_with_the_same_predictions(tmp_path, name):
     g = torch.Generator().manual_seed(0)
     for _ in range(2):  # two rounds of random updates, so that nothing is at its initial value
         method.server_aggregate([
-            ClientUpdate(c, {n: t + 0.1 * torch.randn(t.shape, generator=g) for n, t in method.uplink_template(c).items()}, 10 + i)
-            for i, c in enumerate(["client-0", "client-1", "client-2"])
+            ClientUpdate(c, _random_uplink(method, c, g), 10 + i) for i, c in enumerate(["client-0", "client-1", "client-2"])
         ])
     texts = load_splits(config)[1].texts[:16]
     with torch.no_grad():
@@ -35,7 +35,8 @@ def test_export_reloads_with_the_same_predictions(tmp_path, name):
     base = AutoModelForSequenceClassification.from_pretrained(
         info["base_model"], num_labels=info["num_labels"], pad_token_id=info["pad_token_id"]
     )
-    model = PeftModel.from_pretrained(base, out).eval()
+    # Adapter methods export a PEFT adapter; FedKSeed, full-parameter, a whole model.
+    model = (PeftModel.from_pretrained(base, out) if (out / "adapter_config.json").is_file() else base).eval()
     tokenizer = AutoTokenizer.from_pretrained(out)
     batch = tokenizer(texts, padding=True, truncation=True, max_length=info["max_length"], return_tensors="pt")
     with torch.no_grad():
@@ -43,6 +44,13 @@ def test_export_reloads_with_the_same_predictions(tmp_path, name):
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
     assert torch.equal(logits.argmax(-1), expected.argmax(-1))
     assert not torch.allclose(expected, classifier_logits_before(config, texts), atol=1e-3)
+
+
+def _random_uplink(method, client, g):
+    if isinstance(method, FedKSeed):
+        seeds = torch.randint(0, method.k, (method.config.train.local_steps,), generator=g)
+        return method.encode_scalars(per_seed_sums(seeds, 5 * torch.randn(len(seeds), generator=g), method.k))
+    return {n: t + 0.1 * torch.randn(t.shape, generator=g) for n, t in method.uplink_template(client).items()}
 
 
 def classifier_logits_before(config, texts):

@@ -1,6 +1,6 @@
-"""FLoRA and Fed-SB through the real stack (Flower simulation, protobuf, ledger), with
-one client whose uplink has the wrong rank: it is dropped with a logged reason and
-the rounds go on with the others."""
+"""FLoRA, Fed-SB and FedKSeed through the real stack (Flower simulation, protobuf,
+ledger), with one client whose uplink is malformed (a wrong rank, an out-of-range
+seed): it is dropped with a logged reason and the rounds go on with the others."""
 
 import json
 import logging
@@ -18,45 +18,57 @@ from fedtune.simulation import run_simulation
 pytestmark = pytest.mark.integration
 
 
-def _wrong_rank(msg: Message, context, call_next) -> Message:
-    """A Flower mod: client-1 sends its adapters cut to rank 1."""
+def _corrupt(msg: Message, context, call_next) -> Message:
+    """A Flower mod: client-1 sends its adapters cut to rank 1, or an out-of-range seed."""
     reply = call_next(msg, context)
     if msg.metadata.message_type != "train" or int(context.node_config["partition-id"]) != 1:
         return reply
     up = wire.decode(reply.content[RECORD]["payload"])
-    cut = {n: (t[:1] if "lora_A" in n else t[:, :1]) if "lora" in n else t for n, t in up.tensors.items()}
-    payload = wire.encode(wire.Payload(up.method, up.round, up.client, cut, up.num_examples))
+    if up.method == "fedkseed":
+        bad = {**up.tensors, "seeds": up.tensors["seeds"] + 10_000}
+    else:
+        bad = {n: (t[:1] if "lora_A" in n else t[:, :1]) if "lora" in n else t for n, t in up.tensors.items()}
+    payload = wire.encode(wire.Payload(up.method, up.round, up.client, bad, up.num_examples))
     content = RecordDict({RECORD: ConfigRecord({"payload": payload}), "metrics": reply.content["metrics"]})
     return Message(content, reply_to=msg)
 
 
 def _faulty_client_app() -> ClientApp:
-    app = ClientApp(mods=[_wrong_rank])
+    app = ClientApp(mods=[_corrupt])
     app.query()(client.enroll)
     app.train()(client.train)
     return app
 
 
 @pytest.mark.parametrize(
-    "method, lora",
-    [("flora", {"client_ranks": [2, 4, 8]}), ("fed_sb", {"rank": 4})],
+    "method, sections",
+    [
+        ("flora", {"lora": {"client_ranks": [2, 4, 8]}}),
+        ("fed_sb", {"lora": {"rank": 4}}),
+        ("fedkseed", {"fedkseed": {"num_seeds": 256, "encoding": "paper"}, "train": {"local_steps": 10, "lr": 1e-5}}),
+    ],
 )
-def test_bad_rank_is_dropped_and_rounds_go_on(tmp_path, caplog, method, lora):
-    config = small_config(tmp_path, federation={"method": method}, lora=lora)
+def test_bad_uplink_is_dropped_and_rounds_go_on(tmp_path, caplog, method, sections):
+    config = small_config(tmp_path, federation={"method": method}, **sections)
     run_dir = report.create_run_dir(config)
     with caplog.at_level(logging.WARNING, logger="fedtune"):
         summary = run_simulation(config, run_dir, client_app=_faulty_client_app())
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [(r["clients"], r["aggregated"]) for r in rows[1:]] == [(3, 2), (3, 2)]
     dropped = [r.getMessage() for r in caplog.records if "client-1 dropped" in r.getMessage()]
-    assert len(dropped) == 2 and all("expected torch.float32" in m for m in dropped)
+    reason = "seed index out of range [0, 256)" if method == "fedkseed" else "expected torch.float32"
+    assert len(dropped) == 2 and all(reason in m for m in dropped)
     assert summary["final_accuracy"] == rows[-1]["accuracy"]
-    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    assert (run_dir / "adapter" / "fedtune.json").is_file()
 
     ledger = [json.loads(line) for line in (run_dir / "ledger.jsonl").read_text().splitlines()]
     down = {(t["round"], t["client"]): t["payload_bytes"] for t in ledger if t["direction"] == "down"}
     if method == "fed_sb":  # the bases go once, to clients that have not confirmed them
         assert down[1, "client-0"] > 10 * down[2, "client-0"]
         assert down[2, "client-1"] == down[1, "client-1"]  # its update was dropped: sent again
-    else:  # round 2 carries round 1's stacked factors (rank 2 + 8 from the two accepted clients)
+    elif method == "flora":  # round 2 carries round 1's stacked factors (rank 2 + 8 from the two accepted clients)
         assert down[2, "client-0"] > down[1, "client-0"]
+    else:  # round 2 carries round 1's dense vector of 256 float32 scalars
+        assert down[2, "client-0"] - down[1, "client-0"] > 256 * 4
+        up = [t["payload_bytes"] for t in ledger if t["direction"] == "up" and t["client"] == "client-0"]
+        assert all(b < 200 for b in up)  # 10 (int32, float32) pairs and a header

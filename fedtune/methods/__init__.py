@@ -8,9 +8,10 @@ from fedtune.methods.base import ClientJob, ClientUpdate, LocalResult, Method
 from fedtune.methods.fed_sb import FedSB
 from fedtune.methods.fedit import FedIT
 from fedtune.methods.ffa_lora import FFALoRA
+from fedtune.methods.fedkseed import FedKSeed
 from fedtune.methods.flora import FLoRA
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (FedIT, FFALoRA, FLoRA, FedSB)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (FedIT, FFALoRA, FLoRA, FedSB, FedKSeed)}
 
 
 def get_method(config: RunConfig) -> Method:

@@ -4,7 +4,6 @@ layers, read and write its trainable tensors by name, average them, export them.
 from __future__ import annotations
 
 import dataclasses
-import json
 import warnings
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from peft.utils.error import NoMatchingPeftModuleError
 from fedtune.config import LoraSection, RunConfig
 from fedtune.errors import FedtuneError
 from fedtune.methods.base import ClientUpdate
-from fedtune.models import Classifier
+from fedtune.models import Classifier, export_info
 from fedtune.task import load_model
 from fedtune.wire import TensorDict
 
@@ -84,14 +83,7 @@ def save_adapter(model: PeftModel, classifier: Classifier, directory: Path) -> N
     and fedtune.json with what a loader needs besides: label count, pad token, prompt."""
     model.save_pretrained(directory)
     classifier.tokenizer.save_pretrained(directory)
-    info = {
-        "base_model": model.peft_config["default"].base_model_name_or_path,
-        "num_labels": model.config.num_labels,
-        "pad_token_id": classifier.tokenizer.pad_token_id,
-        "prompt": classifier.prompt,
-        "max_length": classifier.max_length,
-    }
-    (directory / "fedtune.json").write_text(json.dumps(info, indent=2) + "\n")
+    export_info(directory, classifier, model.peft_config["default"].base_model_name_or_path)
 
 
 def export_as_lora(config: RunConfig, rank: int, alpha: float, tensors: TensorDict, directory: Path) -> None:

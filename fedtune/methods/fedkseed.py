@@ -1,0 +1,207 @@
+"""FedKSeed (Qin et al., 2024): zeroth-order full-parameter tuning in which a client
+sends only (seed index, scalar) pairs.
+
+Every party derives the same K candidate seeds from the run seed. A local step
+draws a seed j, estimates the directional derivative g along z(seed_j) from two
+forward passes and moves w -= lr g z (`fedtune.zeroth_order`). The server averages
+the clients' per-seed sums of g weighted by examples: the global model then equals
+the FedAvg of the clients' local models, since every update is linear in z. Each
+round's averaged per-seed scalars are a delta every client replays
+(`fedtune.methods.replay`): one regeneration per seed that round, not per step.
+
+Encodings (`fedkseed.encoding`), both lossless, so they give the same model:
+- "paper": up, one (int32 index, float32 scalar) pair per step; down, the dense
+  float32 K-vector of per-seed scalars of each round the client has not applied.
+- "compact": up and down, a K-bit mask of the seeds used plus one float32 per set
+  bit (per-seed sums up, averaged scalars down).
+
+FedKSeed-Pro (`fedkseed.pro`): the server keeps each seed's history of |g| (clipped
+to 0.5, as in the reference code; one entry per step with the paper's encoding, per
+client and seed with the compact one), min-max normalises its mean and broadcasts
+it as K bytes; clients sample seeds with softmax(those values) as probabilities.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedtune import zeroth_order as zo
+from fedtune.errors import FedtuneError
+from fedtune.methods.base import ClientJob, ClientUpdate, LocalResult, Method
+from fedtune.methods.lora import lora_layers, wrap_with_lora
+from fedtune.methods.replay import RoundLog, catch_up
+from fedtune.models import Classifier, export_info
+from fedtune.task import derive_seed
+from fedtune.training import batch_order
+from fedtune.wire import TensorDict
+
+PROBS = "probs"
+AMPLITUDE_CLIP = 0.5
+
+
+class FedKSeed(Method):
+    name = "fedkseed"
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        self.k = config.fedkseed.num_seeds
+        self.seeds = [derive_seed(config.run.seed, 0x5EED, j) for j in range(self.k)]
+
+    def tuned(self, classifier: Classifier) -> list[zo.Tuned]:
+        """The tuned parameters of ``classifier``, per ``fedkseed.params``."""
+        patterns = self.config.fedkseed.params
+        names = [n for n, _ in classifier.model.named_parameters()]
+        head = [n for n in names if n.startswith(classifier.head_name + ".")]
+        if not patterns:
+            peft = wrap_with_lora(classifier, self.config.lora, self.config.run.seed)
+            targets = {f"{path}.weight" for path in lora_layers(peft)}
+            peft.unload()
+            chosen = [n for n in names if n in targets] + head
+        elif "all" in patterns:
+            chosen = names
+        else:
+            chosen = [n for n in names if any(p in n for p in patterns if p != "head") or ("head" in patterns and n in head)]
+        if not chosen:
+            raise FedtuneError(f"fedkseed.params {patterns} matches no parameter of this model")
+        return zo.tuned_parameters(classifier.model, chosen)
+
+    def apply(self, tuned: list[zo.Tuned], scalars: torch.Tensor) -> list[str]:
+        """Replay one round: w -= lr * s_j * z(seed_j) for every seed with s_j != 0."""
+        for j in torch.nonzero(scalars).flatten().tolist():
+            zo.move(tuned, self.seeds[j], -self.config.train.lr * float(scalars[j]))
+        return [t.name for t in tuned]
+
+    # -- server ----------------------------------------------------------------
+    def server_init(self, classifier: Classifier) -> None:
+        self.classifier = classifier
+        self.tuned_params = self.tuned(classifier)
+        self.log = RoundLog()
+        # FedKSeed-Pro's history: sum and count of clipped |g| per seed, starting
+        # from one zero each (the reference's initial value).
+        self.amplitude_sum = torch.zeros(self.k, dtype=torch.float64)
+        self.amplitude_count = torch.ones(self.k, dtype=torch.float64)
+
+    def server_downlink(self, client: str) -> TensorDict:
+        down = self.log.missed(client)
+        if self.config.fedkseed.pro:
+            mean = self.amplitude_sum / self.amplitude_count
+            spread = mean.max() - mean.min()
+            normalised = (mean - mean.min()) / spread if spread > 0 else torch.zeros_like(mean)
+            down[PROBS] = torch.round(normalised * 255).to(torch.uint8)
+        return down
+
+    def server_check(self, update: ClientUpdate) -> str | None:
+        try:
+            self.uplink_pairs(update.tensors)
+        except ValueError as exc:
+            return str(exc)
+        return None if update.num_examples >= 1 else "num_examples is 0"
+
+    def server_aggregate(self, updates: list[ClientUpdate]) -> None:
+        total = sum(u.num_examples for u in updates)
+        delta = torch.zeros(self.k)
+        for u in updates:
+            seeds, scalars = self.uplink_pairs(u.tensors)
+            delta += (u.num_examples / total) * per_seed_sums(seeds, scalars, self.k)
+            clipped = scalars.double().clamp(-AMPLITUDE_CLIP, AMPLITUDE_CLIP).abs()
+            self.amplitude_sum.index_add_(0, seeds, clipped)
+            self.amplitude_count.index_add_(0, seeds, torch.ones_like(clipped))
+        self.apply(self.tuned_params, delta)
+        self.log.append(self.encode_scalars(delta), (u.client for u in updates))
+
+    def server_model(self) -> nn.Module:
+        return self.classifier.model
+
+    def export(self, directory: Path) -> None:
+        """Full-parameter tuning: a complete Hugging Face model directory."""
+        self.classifier.model.save_pretrained(directory)
+        self.classifier.tokenizer.save_pretrained(directory)
+        export_info(directory, self.classifier, base_model=str(directory))
+
+    # -- encodings ---------------------------------------------------------------
+    def encode_scalars(self, dense: torch.Tensor) -> TensorDict:
+        if self.config.fedkseed.encoding == "paper":
+            return {"scalars": dense}
+        used = dense != 0
+        mask = np.packbits(used.numpy(), bitorder="little")
+        return {"mask": torch.from_numpy(mask), "scalars": dense[used]}
+
+    def decode_scalars(self, tensors: TensorDict) -> torch.Tensor:
+        """The dense K-vector from either encoding; ValueError if malformed."""
+        scalars = tensors.get("scalars")
+        if scalars is None or scalars.dtype != torch.float32 or scalars.dim() != 1:
+            raise ValueError("expected a 1-d float32 tensor 'scalars'")
+        if not torch.isfinite(scalars).all():
+            raise ValueError("non-finite scalar")
+        if self.config.fedkseed.encoding == "paper":
+            if scalars.numel() != self.k:
+                raise ValueError(f"expected {self.k} scalars, got {scalars.numel()}")
+            return scalars
+        mask = tensors.get("mask")
+        if mask is None or mask.dtype != torch.uint8 or mask.shape != ((self.k + 7) // 8,):
+            raise ValueError(f"expected a uint8 mask of {(self.k + 7) // 8} bytes")
+        used = torch.from_numpy(np.unpackbits(mask.numpy(), bitorder="little").astype(bool))
+        if used[self.k :].any():
+            raise ValueError(f"mask marks a seed index beyond num_seeds={self.k}")
+        if int(used.sum()) != scalars.numel():
+            raise ValueError(f"mask marks {int(used.sum())} seeds but {scalars.numel()} scalars came")
+        dense = torch.zeros(self.k)
+        dense[used[: self.k]] = scalars
+        return dense
+
+    def uplink_pairs(self, tensors: TensorDict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(seed indices, scalars) of an uplink; ValueError if malformed."""
+        if self.config.fedkseed.encoding == "compact":
+            if tensors.keys() != {"mask", "scalars"}:
+                raise ValueError(f"expected tensors mask and scalars, got {sorted(tensors)}")
+            dense = self.decode_scalars(tensors)
+            seeds = torch.nonzero(dense).flatten()
+            return seeds, dense[seeds]
+        if tensors.keys() != {"seeds", "scalars"}:
+            raise ValueError(f"expected tensors seeds and scalars, got {sorted(tensors)}")
+        seeds, scalars = tensors["seeds"], tensors["scalars"]
+        steps = self.config.train.local_steps
+        if seeds.dtype != torch.int32 or scalars.dtype != torch.float32 or {seeds.shape, scalars.shape} != {(steps,)}:
+            raise ValueError(f"expected {steps} int32 seeds and {steps} float32 scalars, got {tuple(seeds.shape)} and {tuple(scalars.shape)}")
+        if seeds.numel() and (seeds.min() < 0 or seeds.max() >= self.k):
+            raise ValueError(f"seed index out of range [0, {self.k})")
+        if not torch.isfinite(scalars).all():
+            raise ValueError("non-finite scalar")
+        return seeds.long(), scalars
+
+    # -- client ----------------------------------------------------------------
+    def client_train(self, classifier: Classifier, downlink: TensorDict, job: ClientJob) -> LocalResult:
+        tuned = self.tuned(classifier)
+        catch_up(classifier.model, downlink, job.state, lambda delta: self.apply(tuned, self.decode_scalars(delta)))
+        probs = None
+        if PROBS in downlink:
+            probs = torch.softmax(downlink[PROBS].double() / 255, 0).numpy()
+        t, eps = self.config.train, self.config.fedkseed.eps
+        rng = np.random.default_rng(job.seed)
+        draws = rng.choice(self.k, size=t.local_steps, p=probs)
+        model = classifier.model.eval()  # no dropout: both forward passes see the same function
+        scalars, losses = [], []
+        for j, idx in zip(draws, batch_order(len(job.data), t.local_steps, t.batch_size, job.seed)):
+            batch = classifier.encode([job.data.texts[i] for i in idx])
+            labels = torch.as_tensor(job.data.labels[idx])
+            g, loss = zo.spsa_step(
+                lambda: F.cross_entropy(model(**batch).logits, labels).item(), tuned, self.seeds[j], eps, t.lr
+            )
+            scalars.append(g)
+            losses.append(loss)
+        seeds, values = torch.from_numpy(draws.astype(np.int32)), torch.tensor(scalars, dtype=torch.float32)
+        if self.config.fedkseed.encoding == "paper":
+            up = {"seeds": seeds, "scalars": values}
+        else:
+            up = self.encode_scalars(per_seed_sums(seeds.long(), values, self.k))
+        return LocalResult(up, len(job.data), {"train_loss": float(np.mean(losses))})
+
+
+def per_seed_sums(seeds: torch.Tensor, scalars: torch.Tensor, k: int) -> torch.Tensor:
+    """Sum of the scalars of each seed, as a dense K-vector (steps in order)."""
+    return torch.zeros(k).index_add_(0, seeds, scalars)
