@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedtune.codecs.spec import parse_chain
 from fedtune.errors import FedtuneError
 
 
@@ -107,6 +108,13 @@ class FedKSeedSection:
 
 
 @dataclass(frozen=True)
+class CompressionSection:
+    # Codec chains (fedtune/codecs/spec.py), e.g. ["topk:0.05", "int8"]; empty: raw float32.
+    up: list[str] = field(default_factory=list)
+    down: list[str] = field(default_factory=list)  # no sparsifier or ternary: it carries the model
+
+
+@dataclass(frozen=True)
 class SimulationSection:
     cpus_per_client: int = 1
     max_parallel_clients: int = 0  # 0 = as many as the machine's cores allow
@@ -123,6 +131,7 @@ class RunConfig:
     lora: LoraSection = field(default_factory=LoraSection)
     fed_sb: FedSBSection = field(default_factory=FedSBSection)
     fedkseed: FedKSeedSection = field(default_factory=FedKSeedSection)
+    compression: CompressionSection = field(default_factory=CompressionSection)
     simulation: SimulationSection = field(default_factory=SimulationSection)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -254,6 +263,9 @@ def validate(c: RunConfig) -> None:
     _require(1 <= k.num_seeds <= 2**31 - 1, "fedkseed.num_seeds", "between 1 and 2**31 - 1", k.num_seeds)
     _require(k.eps > 0, "fedkseed.eps", "> 0", k.eps)
     _require(k.encoding in ("paper", "compact"), "fedkseed.encoding", "'paper' or 'compact'", k.encoding)
+    parse_chain(c.compression.up, "compression.up")
+    down = parse_chain(c.compression.down, "compression.down")
+    _require(not down.biased, "compression.down", "free of sparsifiers and ternary (the downlink is the model itself)", c.compression.down)
     _require(
         c.simulation.cpus_per_client >= 1, "simulation.cpus_per_client", ">= 1", c.simulation.cpus_per_client
     )

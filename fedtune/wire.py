@@ -1,37 +1,29 @@
 """Named tensors <-> the ``fedtune.Payload`` protobuf message (proto/fedtune.proto).
 
 Everything a method sends crosses the network as these bytes, and the ledger
-counts exactly ``len()`` of them.
+counts exactly ``len()`` of them. Tensors are encoded by a codec chain
+(:mod:`fedtune.codecs`); its lossless stage, if any, compresses them all at once.
 """
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
-import numpy as np
 import torch
+import zstandard
 from google.protobuf.message import DecodeError
 
+from fedtune.codecs.dense import PayloadError
+from fedtune.codecs.spec import Chain, parse_chain
+from fedtune.codecs.tensor import PLAIN, decode_tensor, encode_tensor
+from fedtune.errors import FedtuneError
 from fedtune.proto import fedtune_pb2 as pb
 
 TensorDict = dict[str, torch.Tensor]
+MAX_DECOMPRESSED = 2**31  # bytes: a larger inflated payload is refused, not allocated
 
-# torch dtype <-> wire dtype. bfloat16 has no numpy type, so it travels as its raw
-# 16-bit pattern (see _to_bytes / _from_bytes).
-_TO_WIRE = {
-    torch.float32: pb.FLOAT32,
-    torch.float16: pb.FLOAT16,
-    torch.bfloat16: pb.BFLOAT16,
-    torch.int64: pb.INT64,
-    torch.int32: pb.INT32,
-    torch.int8: pb.INT8,
-    torch.uint8: pb.UINT8,
-}
-_FROM_WIRE = {wire: dtype for dtype, wire in _TO_WIRE.items()}
-
-
-class PayloadError(ValueError):
-    """A payload that cannot be decoded: corrupt bytes, unknown dtype, size mismatch."""
+__all__ = ["Payload", "PayloadError", "TensorDict", "decode", "encode"]
 
 
 @dataclass(frozen=True)
@@ -41,14 +33,33 @@ class Payload:
     client: str
     tensors: TensorDict
     num_examples: int = 0
+    codec: tuple[str, ...] = ()  # the chain the tensors were encoded with
 
 
-def encode(payload: Payload) -> bytes:
-    msg = pb.Payload(
-        header=pb.Header(method=payload.method, round=payload.round, client=payload.client),
-        tensors=[_tensor_to_proto(name, t) for name, t in payload.tensors.items()],
-        num_examples=payload.num_examples,
-    )
+def encode(
+    payload: Payload,
+    chain: Chain = PLAIN,
+    generator: torch.Generator | None = None,
+    residual: TensorDict | None = None,
+) -> bytes:
+    """Serialize ``payload`` with ``chain``. With ``residual`` (error feedback), each
+    tensor is sent with its residual added, and the residual becomes what the
+    encoding lost: sent + new residual = tensor + old residual, exactly."""
+    tensors = []
+    for name, t in payload.tensors.items():
+        if residual is not None and t.is_floating_point():
+            t = t + residual[name] if name in residual else t
+            msg = encode_tensor(name, t, chain, generator)
+            residual[name] = t - decode_tensor(msg)
+        else:
+            msg = encode_tensor(name, t, chain, generator)
+        tensors.append(msg)
+    header = pb.Header(method=payload.method, round=payload.round, client=payload.client, codec=chain.specs)
+    msg = pb.Payload(header=header, num_examples=payload.num_examples)
+    if chain.lossless:
+        msg.compressed = _compress(chain.lossless, pb.Tensors(tensors=tensors).SerializeToString())
+    else:
+        msg.tensors.extend(tensors)
     return msg.SerializeToString()
 
 
@@ -58,35 +69,41 @@ def decode(data: bytes) -> Payload:
         msg.ParseFromString(data)
     except DecodeError as exc:
         raise PayloadError(f"not a fedtune payload: {exc}") from None
+    h = msg.header
+    try:
+        chain = parse_chain(list(h.codec), "header.codec")
+    except FedtuneError as exc:
+        raise PayloadError(str(exc)) from None
+    tensors_msg = msg.tensors
+    if msg.compressed:
+        if not chain.lossless or len(msg.tensors):
+            raise PayloadError("compressed tensors without a lossless codec in the header, or both forms")
+        inner = pb.Tensors()
+        try:
+            inner.ParseFromString(_decompress(chain.lossless, msg.compressed))
+        except DecodeError as exc:
+            raise PayloadError(f"compressed tensors do not parse: {exc}") from None
+        tensors_msg = inner.tensors
     tensors: TensorDict = {}
-    for t in msg.tensors:
+    for t in tensors_msg:
         if t.name in tensors:
             raise PayloadError(f"tensor {t.name!r} appears twice")
-        tensors[t.name] = _tensor_from_proto(t)
-    h = msg.header
-    return Payload(h.method, h.round, h.client, tensors, msg.num_examples)
+        tensors[t.name] = decode_tensor(t)
+    return Payload(h.method, h.round, h.client, tensors, msg.num_examples, tuple(h.codec))
 
 
-def _tensor_to_proto(name: str, t: torch.Tensor) -> pb.Tensor:
-    if t.dtype not in _TO_WIRE:
-        raise TypeError(f"tensor {name!r}: dtype {t.dtype} has no wire encoding")
-    t = t.detach().cpu().contiguous()
-    raw = t.view(torch.int16) if t.dtype == torch.bfloat16 else t
-    return pb.Tensor(name=name, dtype=_TO_WIRE[t.dtype], shape=list(t.shape), data=raw.numpy().tobytes())
+def _compress(kind: str, raw: bytes) -> bytes:
+    return zstandard.ZstdCompressor(level=3).compress(raw) if kind == "zstd" else zlib.compress(raw, 6)
 
 
-def _tensor_from_proto(t: pb.Tensor) -> torch.Tensor:
-    dtype = _FROM_WIRE.get(t.dtype)
-    if dtype is None:
-        raise PayloadError(f"tensor {t.name!r}: unknown dtype code {t.dtype}")
-    if any(d < 0 for d in t.shape):
-        raise PayloadError(f"tensor {t.name!r}: negative dimension in shape {list(t.shape)}")
-    np_dtype = np.int16 if dtype == torch.bfloat16 else torch.empty(0, dtype=dtype).numpy().dtype
-    expected = int(np.prod(t.shape, dtype=np.int64)) * np.dtype(np_dtype).itemsize
-    if len(t.data) != expected:
-        raise PayloadError(
-            f"tensor {t.name!r}: {len(t.data)} bytes for shape {list(t.shape)} of {dtype}, expected {expected}"
-        )
-    # Copy: frombuffer over protobuf bytes is read-only.
-    values = torch.from_numpy(np.frombuffer(t.data, dtype=np_dtype).copy()).reshape(tuple(t.shape))
-    return values.view(torch.bfloat16) if dtype == torch.bfloat16 else values
+def _decompress(kind: str, data: bytes) -> bytes:
+    try:
+        if kind == "zstd":
+            return zstandard.ZstdDecompressor().decompress(data, max_output_size=MAX_DECOMPRESSED)
+        inflater = zlib.decompressobj()
+        raw = inflater.decompress(data, MAX_DECOMPRESSED)
+        if inflater.unconsumed_tail:
+            raise PayloadError(f"deflate payload inflates beyond {MAX_DECOMPRESSED} bytes")
+        return raw
+    except (zstandard.ZstdError, zlib.error) as exc:
+        raise PayloadError(f"{kind} payload does not decompress: {exc}") from None

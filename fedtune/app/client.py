@@ -7,18 +7,22 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedtune import wire
+from fedtune.codecs import delta
+from fedtune.codecs.spec import parse_chain
 from fedtune.app.server import RECORD
 from fedtune.config import RunConfig
 from fedtune.errors import FedtuneError
-from fedtune.methods import ClientJob, get_method
+from fedtune.methods import ClientJob, LocalResult, get_method
 from fedtune.task import client_data, client_name, config_from_json, derive_seed, load_model
 
 app = ClientApp()
 STATE = "fedtune.state"  # the method's client state, kept on the node between rounds
+RESIDUAL = "fedtune.residual"  # error feedback of a biased uplink codec, kept likewise
 
 
 def _partition_id(context: Context, config: RunConfig) -> int:
@@ -62,6 +66,22 @@ def train(msg: Message, context: Context) -> Message:
     metrics = {**result.metrics, "train_time_s": time.perf_counter() - started}
     if job.state:
         context.state[STATE] = ArrayRecord(torch_state_dict=job.state)
-    up = wire.Payload(method.name, down.round, client_name(pid), result.tensors, result.num_examples)
-    content = RecordDict({RECORD: ConfigRecord({"payload": wire.encode(up)}), "metrics": MetricRecord(metrics)})
+    content = RecordDict({RECORD: ConfigRecord({"payload": _uplink(config, context, down, result, job)}),
+                          "metrics": MetricRecord(metrics)})
     return Message(content, reply_to=msg)
+
+
+def _uplink(config: RunConfig, context: Context, down: wire.Payload, result: LocalResult, job: ClientJob) -> bytes:
+    """The encoded uplink: with a lossy codec, what changed since the downlink, and
+    for a biased one with error feedback from the residual kept on the node."""
+    chain = parse_chain(config.compression.up, "compression.up")
+    tensors, residual = result.tensors, None
+    if chain.lossy:
+        tensors = delta.relative(tensors, down.tensors)
+    if chain.biased:
+        residual = context.state[RESIDUAL].to_torch_state_dict() if RESIDUAL in context.state else {}
+    up = wire.Payload(down.method, down.round, job.client, tensors, result.num_examples)
+    data = wire.encode(up, chain, torch.Generator().manual_seed(job.seed), residual)
+    if residual is not None:
+        context.state[RESIDUAL] = ArrayRecord(torch_state_dict=residual)
+    return data

@@ -14,18 +14,21 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from tqdm import tqdm
 
 from fedtune import report, wire
+from fedtune.codecs import delta
+from fedtune.codecs.spec import parse_chain
 from fedtune.config import RunConfig, load_config
 from fedtune.data import majority_class_accuracy
 from fedtune.errors import FedtuneError
 from fedtune.ledger import Ledger, Transfer, content_bytes
 from fedtune.methods import ClientUpdate, Method, get_method
 from fedtune.partition import partition_summary
-from fedtune.task import config_to_json, load_model, load_splits
+from fedtune.task import config_to_json, derive_seed, load_model, load_splits, partition_id_of
 from fedtune.training import evaluate
 
 log = logging.getLogger("fedtune")
@@ -115,9 +118,12 @@ def _train_round(
     ledger: Ledger,
     bar: tqdm,
 ) -> tuple[list[ClientUpdate], dict[str, float]]:
+    chain_down = parse_chain(config.compression.down, "compression.down")
+    chain_up = parse_chain(config.compression.up, "compression.up")
     messages, name_of = [], {}
     for client, node_id in clients.items():
-        payload = wire.encode(wire.Payload(method.name, rnd, client, method.server_downlink(client)))
+        generator = torch.Generator().manual_seed(derive_seed(config.run.seed, rnd, partition_id_of(client)))
+        payload = wire.encode(wire.Payload(method.name, rnd, client, method.server_downlink(client)), chain_down, generator)
         content = RecordDict({RECORD: ConfigRecord({"payload": payload, "round": rnd})})
         ledger.record(Transfer(rnd, client, "down", len(payload), content_bytes(content)))
         messages.append(Message(content, dst_node_id=node_id, message_type=MessageType.TRAIN, group_id=str(rnd)))
@@ -139,9 +145,12 @@ def _train_round(
             log.warning("round %d: %s dropped: malformed payload: %s", rnd, client, exc)
             continue
         ledger.record(Transfer(rnd, client, "up", len(data), content_bytes(reply.content)))
-        update = ClientUpdate(client, up.tensors, up.num_examples)
+        tensors = delta.absolute(up.tensors, method.server_downlink(client)) if chain_up.lossy else up.tensors
+        update = ClientUpdate(client, tensors, up.num_examples)
         if (up.method, up.round, up.client) != (method.name, rnd, client):
             reason = f"header says {up.method} round {up.round} from {up.client!r}"
+        elif up.codec != chain_up.specs:
+            reason = f"codec chain {list(up.codec)}, configured {list(chain_up.specs)}"
         else:
             reason = method.server_check(update)
         if reason:

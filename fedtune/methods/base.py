@@ -60,12 +60,18 @@ class Method(ABC):
 
     # Whether clients may train adapters of different ranks (lora.client_ranks).
     heterogeneous_ranks: ClassVar[bool] = False
+    # Whether the payloads are float tensors that the codecs of [compression] apply to.
+    compressible: ClassVar[bool] = True
 
     def __init__(self, config: RunConfig) -> None:
         if config.lora.client_ranks and not self.heterogeneous_ranks:
             raise FedtuneError(
                 f"lora.client_ranks is set but federation.method {self.name!r} needs one rank for all "
                 "clients; use method 'flora' or remove lora.client_ranks"
+            )
+        if (config.compression.up or config.compression.down) and not self.compressible:
+            raise FedtuneError(
+                f"[compression] does not apply to federation.method {self.name!r}, which has its own encodings"
             )
         self.config = config
 

@@ -46,6 +46,7 @@ AMPLITUDE_CLIP = 0.5
 
 class FedKSeed(Method):
     name = "fedkseed"
+    compressible = False  # fedkseed.encoding instead
 
     def __init__(self, config) -> None:
         super().__init__(config)

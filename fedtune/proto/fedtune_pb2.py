@@ -24,19 +24,25 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rfedtune.proto\x12\x07\x66\x65\x64tune\"R\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1d\n\x05\x64type\x18\x02 \x01(\x0e\x32\x0e.fedtune.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"F\n\x06Header\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x0e\n\x06\x63lient\x18\x03 \x01(\t\x12\r\n\x05\x63odec\x18\x04 \x03(\t\"b\n\x07Payload\x12\x1f\n\x06header\x18\x01 \x01(\x0b\x32\x0f.fedtune.Header\x12 \n\x07tensors\x18\x02 \x03(\x0b\x32\x0f.fedtune.Tensor\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x04*q\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0c\n\x08\x42\x46LOAT16\x10\x03\x12\t\n\x05INT64\x10\x04\x12\t\n\x05INT32\x10\x05\x12\x08\n\x04INT8\x10\x06\x12\t\n\x05UINT8\x10\x07\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rfedtune.proto\x12\x07\x66\x65\x64tune\"\xba\x01\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1d\n\x05\x64type\x18\x02 \x01(\x0e\x32\x0e.fedtune.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x1e\n\x06stored\x18\x05 \x01(\x0e\x32\x0e.fedtune.DType\x12%\n\tquantized\x18\x06 \x01(\x0b\x32\x12.fedtune.Quantized\x12\x1f\n\x06sparse\x18\x07 \x01(\x0b\x32\x0f.fedtune.Sparse\"Z\n\tQuantized\x12\x0c\n\x04\x62its\x18\x01 \x01(\r\x12\x0f\n\x07per_row\x18\x02 \x01(\x08\x12\x0e\n\x06scales\x18\x03 \x01(\x0c\x12\x0e\n\x06offset\x18\x04 \x01(\r\x12\x0e\n\x06packed\x18\x05 \x01(\x0c\":\n\x06Sparse\x12\x0f\n\x07indices\x18\x01 \x01(\x0c\x12\x1f\n\x06values\x18\x02 \x01(\x0b\x32\x0f.fedtune.Tensor\"+\n\x07Tensors\x12 \n\x07tensors\x18\x01 \x03(\x0b\x32\x0f.fedtune.Tensor\"F\n\x06Header\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x0e\n\x06\x63lient\x18\x03 \x01(\t\x12\r\n\x05\x63odec\x18\x04 \x03(\t\"v\n\x07Payload\x12\x1f\n\x06header\x18\x01 \x01(\x0b\x32\x0f.fedtune.Header\x12 \n\x07tensors\x18\x02 \x03(\x0b\x32\x0f.fedtune.Tensor\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x04\x12\x12\n\ncompressed\x18\x04 \x01(\x0c*q\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0c\n\x08\x42\x46LOAT16\x10\x03\x12\t\n\x05INT64\x10\x04\x12\t\n\x05INT32\x10\x05\x12\x08\n\x04INT8\x10\x06\x12\t\n\x05UINT8\x10\x07\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fedtune_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=282
-  _globals['_DTYPE']._serialized_end=395
-  _globals['_TENSOR']._serialized_start=26
-  _globals['_TENSOR']._serialized_end=108
-  _globals['_HEADER']._serialized_start=110
-  _globals['_HEADER']._serialized_end=180
-  _globals['_PAYLOAD']._serialized_start=182
-  _globals['_PAYLOAD']._serialized_end=280
+  _globals['_DTYPE']._serialized_start=604
+  _globals['_DTYPE']._serialized_end=717
+  _globals['_TENSOR']._serialized_start=27
+  _globals['_TENSOR']._serialized_end=213
+  _globals['_QUANTIZED']._serialized_start=215
+  _globals['_QUANTIZED']._serialized_end=305
+  _globals['_SPARSE']._serialized_start=307
+  _globals['_SPARSE']._serialized_end=365
+  _globals['_TENSORS']._serialized_start=367
+  _globals['_TENSORS']._serialized_end=410
+  _globals['_HEADER']._serialized_start=412
+  _globals['_HEADER']._serialized_end=482
+  _globals['_PAYLOAD']._serialized_start=484
+  _globals['_PAYLOAD']._serialized_end=602
 # @@protoc_insertion_point(module_scope)

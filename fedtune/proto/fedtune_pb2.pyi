@@ -27,16 +27,50 @@ INT8: DType
 UINT8: DType
 
 class Tensor(_message.Message):
-    __slots__ = ("name", "dtype", "shape", "data")
+    __slots__ = ("name", "dtype", "shape", "data", "stored", "quantized", "sparse")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    STORED_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZED_FIELD_NUMBER: _ClassVar[int]
+    SPARSE_FIELD_NUMBER: _ClassVar[int]
     name: str
     dtype: DType
     shape: _containers.RepeatedScalarFieldContainer[int]
     data: bytes
-    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+    stored: DType
+    quantized: Quantized
+    sparse: Sparse
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., stored: _Optional[_Union[DType, str]] = ..., quantized: _Optional[_Union[Quantized, _Mapping]] = ..., sparse: _Optional[_Union[Sparse, _Mapping]] = ...) -> None: ...
+
+class Quantized(_message.Message):
+    __slots__ = ("bits", "per_row", "scales", "offset", "packed")
+    BITS_FIELD_NUMBER: _ClassVar[int]
+    PER_ROW_FIELD_NUMBER: _ClassVar[int]
+    SCALES_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    PACKED_FIELD_NUMBER: _ClassVar[int]
+    bits: int
+    per_row: bool
+    scales: bytes
+    offset: int
+    packed: bytes
+    def __init__(self, bits: _Optional[int] = ..., per_row: _Optional[bool] = ..., scales: _Optional[bytes] = ..., offset: _Optional[int] = ..., packed: _Optional[bytes] = ...) -> None: ...
+
+class Sparse(_message.Message):
+    __slots__ = ("indices", "values")
+    INDICES_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    indices: bytes
+    values: Tensor
+    def __init__(self, indices: _Optional[bytes] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class Tensors(_message.Message):
+    __slots__ = ("tensors",)
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    tensors: _containers.RepeatedCompositeFieldContainer[Tensor]
+    def __init__(self, tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ...) -> None: ...
 
 class Header(_message.Message):
     __slots__ = ("method", "round", "client", "codec")
@@ -51,11 +85,13 @@ class Header(_message.Message):
     def __init__(self, method: _Optional[str] = ..., round: _Optional[int] = ..., client: _Optional[str] = ..., codec: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Payload(_message.Message):
-    __slots__ = ("header", "tensors", "num_examples")
+    __slots__ = ("header", "tensors", "num_examples", "compressed")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSED_FIELD_NUMBER: _ClassVar[int]
     header: Header
     tensors: _containers.RepeatedCompositeFieldContainer[Tensor]
     num_examples: int
-    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., num_examples: _Optional[int] = ...) -> None: ...
+    compressed: bytes
+    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., num_examples: _Optional[int] = ..., compressed: _Optional[bytes] = ...) -> None: ...

@@ -1,0 +1,22 @@
+"""Lossy codecs compress what a client changed, not the model: an uplink tensor
+that the client also received travels as its difference from the received value,
+and the server adds it back to what it sent."""
+
+from __future__ import annotations
+
+import torch
+
+TensorDict = dict[str, torch.Tensor]
+
+
+def _has_reference(name: str, t: torch.Tensor, reference: TensorDict) -> bool:
+    ref = reference.get(name)
+    return ref is not None and t.is_floating_point() and ref.shape == t.shape and ref.dtype == t.dtype
+
+
+def relative(tensors: TensorDict, reference: TensorDict) -> TensorDict:
+    return {n: t - reference[n] if _has_reference(n, t, reference) else t for n, t in tensors.items()}
+
+
+def absolute(deltas: TensorDict, reference: TensorDict) -> TensorDict:
+    return {n: reference[n] + d if _has_reference(n, d, reference) else d for n, d in deltas.items()}
