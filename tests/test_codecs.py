@@ -149,3 +149,17 @@ def test_corrupt_encoded_payloads_are_refused():
             wire.decode(bomb)
     finally:
         wire.MAX_DECOMPRESSED = old
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_bit_packing_roundtrips_any_length(bits):
+    import numpy as np
+
+    from fedtune.codecs.quantize import pack, unpack
+
+    rng = np.random.default_rng(bits)
+    for n in (0, 1, 7, 1001):
+        codes = rng.integers(0, 2**bits, n).astype(np.uint8)
+        data = pack(codes, bits)
+        assert len(data) == -(-n * bits // 8)
+        assert np.array_equal(unpack(data, bits, n), codes)
