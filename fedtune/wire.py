@@ -22,8 +22,13 @@ from fedtune.proto import fedtune_pb2 as pb
 
 TensorDict = dict[str, torch.Tensor]
 MAX_DECOMPRESSED = 2**31  # bytes: a larger inflated payload is refused, not allocated
+MAX_PAYLOAD = 2**31 - 2**20  # bytes: protobuf and Flower's gRPC channels stop at 2 GiB
 
-__all__ = ["Payload", "PayloadError", "TensorDict", "decode", "encode"]
+
+class PayloadTooLarge(FedtuneError):
+    """A payload over what one protobuf message and one gRPC message can carry."""
+
+__all__ = ["Payload", "PayloadError", "PayloadTooLarge", "TensorDict", "decode", "encode"]
 
 
 @dataclass(frozen=True)
@@ -57,10 +62,22 @@ def encode(
     header = pb.Header(method=payload.method, round=payload.round, client=payload.client, codec=chain.specs)
     msg = pb.Payload(header=header, num_examples=payload.num_examples)
     if chain.lossless:
-        msg.compressed = _compress(chain.lossless, pb.Tensors(tensors=tensors).SerializeToString())
+        inner = pb.Tensors(tensors=tensors)
+        _check_size(inner.ByteSize(), payload)
+        msg.compressed = _compress(chain.lossless, inner.SerializeToString())
     else:
         msg.tensors.extend(tensors)
+    _check_size(msg.ByteSize(), payload)
     return msg.SerializeToString()
+
+
+def _check_size(size: int, payload: Payload) -> None:
+    if size > MAX_PAYLOAD:
+        raise PayloadTooLarge(
+            f"the {payload.method} payload for {payload.client or 'the server'} in round {payload.round} would be "
+            f"{size:,} bytes, over the {MAX_PAYLOAD:,}-byte limit of a protobuf/gRPC message; "
+            "compress it ([compression] up/down) or tune fewer parameters"
+        )
 
 
 def decode(data: bytes) -> Payload:

@@ -163,3 +163,11 @@ def test_bit_packing_roundtrips_any_length(bits):
         data = pack(codes, bits)
         assert len(data) == -(-n * bits // 8)
         assert np.array_equal(unpack(data, bits, n), codes)
+
+
+def test_payload_over_the_message_limit_is_refused_clearly(monkeypatch):
+    monkeypatch.setattr(wire, "MAX_PAYLOAD", 10_000)
+    big = {"w": torch.randn(50, 100)}
+    with pytest.raises(wire.PayloadTooLarge, match=r"fedit payload for client-1 in round 3 would be 20,0\d\d bytes, over the 10,000-byte limit"):
+        _roundtrip([], big)
+    assert len(_roundtrip(["int8"], big)[0]) < 10_000  # a codec brings it under
