@@ -171,3 +171,13 @@ def test_payload_over_the_message_limit_is_refused_clearly(monkeypatch):
     with pytest.raises(wire.PayloadTooLarge, match=r"fedit payload for client-1 in round 3 would be 20,0\d\d bytes, over the 10,000-byte limit"):
         _roundtrip([], big)
     assert len(_roundtrip(["int8"], big)[0]) < 10_000  # a codec brings it under
+
+
+def test_methods_that_rebuild_server_state_refuse_a_lossy_downlink(tmp_path):
+    from conftest import small_config
+    from fedtune.methods import get_method
+
+    for method in ("flora", "fed_sb"):
+        with pytest.raises(FedtuneError, match=f"compression.down \\['int8'\\] is lossy, but federation.method '{method}'"):
+            get_method(small_config(tmp_path, federation={"method": method}, compression={"down": ["int8"]}))
+        get_method(small_config(tmp_path, federation={"method": method}, compression={"down": ["zstd"], "up": ["int8"]}))

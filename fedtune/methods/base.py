@@ -17,6 +17,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from fedtune.codecs.spec import parse_chain
 from fedtune.config import RunConfig
 from fedtune.data import TextDataset
 from fedtune.errors import FedtuneError
@@ -62,6 +63,9 @@ class Method(ABC):
     heterogeneous_ranks: ClassVar[bool] = False
     # Whether the payloads are float tensors that the codecs of [compression] apply to.
     compressible: ClassVar[bool] = True
+    # Whether the downlink may be rounded by a lossy codec: not when clients must
+    # rebuild the server's state exactly (replayed rounds, fixed bases).
+    lossy_downlink: ClassVar[bool] = True
 
     def __init__(self, config: RunConfig) -> None:
         if config.lora.client_ranks and not self.heterogeneous_ranks:
@@ -72,6 +76,11 @@ class Method(ABC):
         if (config.compression.up or config.compression.down) and not self.compressible:
             raise FedtuneError(
                 f"[compression] does not apply to federation.method {self.name!r}, which has its own encodings"
+            )
+        if parse_chain(config.compression.down, "compression.down").lossy and not self.lossy_downlink:
+            raise FedtuneError(
+                f"compression.down {config.compression.down} is lossy, but federation.method {self.name!r} needs "
+                "its downlink exact (clients rebuild the server's state from it); use zstd or deflate only"
             )
         self.config = config
 

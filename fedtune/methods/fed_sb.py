@@ -60,6 +60,7 @@ class _TimesBasis(nn.Module):
 
 class FedSB(Method):
     name = "fed_sb"
+    lossy_downlink = False
 
     def wrap(self, classifier: Classifier, bases: TensorDict, seed: int) -> PeftModel:
         """LoRA with A and B fixed to ``bases`` and R (zero) trainable in each layer."""

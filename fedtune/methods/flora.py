@@ -34,6 +34,7 @@ HEAD = "head/"
 class FLoRA(Method):
     name = "flora"
     heterogeneous_ranks = True
+    lossy_downlink = False
 
     def rank(self, client: str) -> int:
         ranks = self.config.lora.client_ranks
