@@ -80,7 +80,9 @@ def _check_size(size: int, payload: Payload) -> None:
         )
 
 
-def decode(data: bytes) -> Payload:
+def decode(data: bytes, keep_sparse: bool = False) -> Payload:
+    """The payload in ``data``; PayloadError if it is malformed. ``keep_sparse``: see
+    :func:`fedtune.codecs.tensor.decode_tensor`."""
     msg = pb.Payload()
     try:
         msg.ParseFromString(data)
@@ -105,7 +107,7 @@ def decode(data: bytes) -> Payload:
     for t in tensors_msg:
         if t.name in tensors:
             raise PayloadError(f"tensor {t.name!r} appears twice")
-        tensors[t.name] = decode_tensor(t)
+        tensors[t.name] = decode_tensor(t, keep_sparse=keep_sparse)
     return Payload(h.method, h.round, h.client, tensors, msg.num_examples, tuple(h.codec))
 
 

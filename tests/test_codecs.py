@@ -181,3 +181,28 @@ def test_methods_that_rebuild_server_state_refuse_a_lossy_downlink(tmp_path):
         with pytest.raises(FedtuneError, match=f"compression.down \\['int8'\\] is lossy, but federation.method '{method}'"):
             get_method(small_config(tmp_path, federation={"method": method}, compression={"down": ["int8"]}))
         get_method(small_config(tmp_path, federation={"method": method}, compression={"down": ["zstd"], "up": ["int8"]}))
+
+
+def test_sparse_updates_are_averaged_without_densifying_them():
+    from fedtune.codecs import delta
+    from fedtune.methods import ClientUpdate
+    from fedtune.methods.lora import weighted_average
+
+    g = torch.Generator().manual_seed(5)
+    reference = {"w": torch.randn(16, 32, generator=g), "head": torch.randn(2, 8, generator=g)}
+    chain = parse_chain(["topk:0.1", "int8"], "compression.up")
+    updates, expected = [], {n: torch.zeros_like(t) for n, t in reference.items()}
+    for k, n in enumerate([10, 30, 60]):
+        local = {name: t + 0.1 * torch.randn(t.shape, generator=g) for name, t in reference.items()}
+        data = wire.encode(wire.Payload("fedit", 1, f"client-{k}", delta.relative(local, reference), n), chain, g)
+        sparse = wire.decode(data, keep_sparse=True).tensors
+        dense = wire.decode(data).tensors
+        assert all(t.is_sparse for t in sparse.values())
+        assert sparse["w"].coalesce().values().numel() == round(0.1 * 16 * 32)
+        updates.append(ClientUpdate(f"client-{k}", sparse, n, reference))
+        for name in expected:
+            expected[name] += n / 100 * (reference[name] + dense[name])
+            torch.testing.assert_close(updates[-1].dense(name), reference[name] + dense[name])
+    average = weighted_average(updates)
+    for name in expected:
+        torch.testing.assert_close(average[name], expected[name])

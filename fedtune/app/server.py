@@ -20,7 +20,6 @@ from flwr.serverapp import Grid, ServerApp
 from tqdm import tqdm
 
 from fedtune import report, wire
-from fedtune.codecs import delta
 from fedtune.codecs.spec import parse_chain
 from fedtune.config import RunConfig, load_config
 from fedtune.data import majority_class_accuracy
@@ -140,13 +139,14 @@ def _train_round(
             continue
         data = reply.content[RECORD]["payload"]
         try:
-            up = wire.decode(data)
+            up = wire.decode(data, keep_sparse=True)
         except wire.PayloadError as exc:
             log.warning("round %d: %s dropped: malformed payload: %s", rnd, client, exc)
             continue
         ledger.record(Transfer(rnd, client, "up", len(data), content_bytes(reply.content)))
-        tensors = delta.absolute(up.tensors, method.server_downlink(client)) if chain_up.lossy else up.tensors
-        update = ClientUpdate(client, tensors, up.num_examples)
+        # A lossy uplink holds changes against what the client was sent.
+        reference = method.server_downlink(client) if chain_up.lossy else {}
+        update = ClientUpdate(client, up.tensors, up.num_examples, reference)
         if (up.method, up.round, up.client) != (method.name, rnd, client):
             reason = f"header says {up.method} round {up.round} from {up.client!r}"
         elif up.codec != chain_up.specs:

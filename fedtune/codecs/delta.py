@@ -9,14 +9,17 @@ import torch
 TensorDict = dict[str, torch.Tensor]
 
 
-def _has_reference(name: str, t: torch.Tensor, reference: TensorDict) -> bool:
+def has_reference(name: str, t: torch.Tensor, reference: TensorDict) -> bool:
     ref = reference.get(name)
     return ref is not None and t.is_floating_point() and ref.shape == t.shape and ref.dtype == t.dtype
 
 
 def relative(tensors: TensorDict, reference: TensorDict) -> TensorDict:
-    return {n: t - reference[n] if _has_reference(n, t, reference) else t for n, t in tensors.items()}
+    return {n: t - reference[n] if has_reference(n, t, reference) else t for n, t in tensors.items()}
 
 
-def absolute(deltas: TensorDict, reference: TensorDict) -> TensorDict:
-    return {n: reference[n] + d if _has_reference(n, d, reference) else d for n, d in deltas.items()}
+def absolute(name: str, t: torch.Tensor, reference: TensorDict) -> torch.Tensor:
+    """The value ``t`` (dense or sparse) stands for: reference + t, or t itself."""
+    if has_reference(name, t, reference):
+        return reference[name] + t
+    return t.to_dense() if t.is_sparse else t

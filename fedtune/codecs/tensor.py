@@ -25,7 +25,7 @@ def encode_tensor(name: str, t: torch.Tensor, chain: Chain, generator: torch.Gen
         return msg
     generator = generator or torch.Generator().manual_seed(0)
     values = t.detach().float()
-    if chain.sparsifier:
+    if chain.sparsifier and t.dim() > 0:
         flat = values.flatten()
         k = max(1, round(chain.fraction * flat.numel()))
         if chain.sparsifier == "topk":
@@ -54,8 +54,10 @@ def _encode_values(msg: pb.Tensor, values: torch.Tensor, dtype: torch.dtype, cha
         msg.data = to_bytes(values.to(dtype))
 
 
-def decode_tensor(msg: pb.Tensor, nested: bool = False) -> torch.Tensor:
-    """The tensor ``msg`` holds; PayloadError if it is malformed."""
+def decode_tensor(msg: pb.Tensor, nested: bool = False, keep_sparse: bool = False) -> torch.Tensor:
+    """The tensor ``msg`` holds; PayloadError if it is malformed. With ``keep_sparse``
+    a sparsified tensor stays a torch sparse COO tensor (for aggregation without
+    densifying each client's update)."""
     dtype = wire_dtype(msg.dtype, msg.name)
     shape = tuple(msg.shape)
     if any(d < 0 for d in shape):
@@ -66,14 +68,14 @@ def decode_tensor(msg: pb.Tensor, nested: bool = False) -> torch.Tensor:
     if msg.HasField("sparse"):
         if nested:
             raise PayloadError(f"tensor {msg.name!r}: sparse values may not be sparse again")
-        return _decode_sparse(msg, dtype, shape)
+        return _decode_sparse(msg, dtype, shape, keep_sparse)
     if msg.HasField("quantized"):
         return dequantize(msg.quantized, shape, msg.name).to(dtype)
     stored = wire_dtype(msg.stored, msg.name) if msg.stored else dtype
     return from_bytes(msg.data, stored, shape, msg.name).to(dtype)
 
 
-def _decode_sparse(msg: pb.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+def _decode_sparse(msg: pb.Tensor, dtype: torch.dtype, shape: tuple[int, ...], keep_sparse: bool) -> torch.Tensor:
     n = int(np.prod(shape, dtype=np.int64))
     raw = msg.sparse.indices
     if len(raw) % 4:
@@ -85,6 +87,10 @@ def _decode_sparse(msg: pb.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -
     values = decode_tensor(msg.sparse.values, nested=True)
     if values.shape != (len(indices),):
         raise PayloadError(f"tensor {msg.name!r}: {tuple(values.shape)} values for {len(indices)} indices")
+    if keep_sparse and shape:
+        coords = torch.from_numpy(np.stack(np.unravel_index(indices, shape)))
+        # Indices were checked above (ascending, in range), so skip torch's own checks.
+        return torch.sparse_coo_tensor(coords, values.to(dtype), shape, is_coalesced=True, check_invariants=False)
     dense = torch.zeros(n, dtype=dtype)
     dense[torch.from_numpy(indices)] = values.to(dtype)
     return dense.reshape(shape)

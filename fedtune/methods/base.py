@@ -17,6 +17,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from fedtune.codecs.delta import absolute
 from fedtune.codecs.spec import parse_chain
 from fedtune.config import RunConfig
 from fedtune.data import TextDataset
@@ -49,11 +50,20 @@ class ClientJob:
 
 @dataclass(frozen=True)
 class ClientUpdate:
-    """One client's decoded uplink, as the server aggregates it."""
+    """One client's decoded uplink, as the server aggregates it.
+
+    With a lossy codec, a tensor whose name is in ``reference`` (what the client was
+    sent) is the change against it, possibly a sparse tensor; ``dense(name)`` gives
+    the value it stands for, and :func:`fedtune.methods.lora.weighted_average`
+    averages without materializing it."""
 
     client: str
     tensors: TensorDict
     num_examples: int
+    reference: TensorDict = field(default_factory=dict)
+
+    def dense(self, name: str) -> torch.Tensor:
+        return absolute(name, self.tensors[name], self.reference)
 
 
 class Method(ABC):
@@ -111,7 +121,7 @@ class Method(ABC):
         for name, t in update.tensors.items():
             if t.shape != expected[name].shape or t.dtype != expected[name].dtype:
                 return f"{name}: {t.dtype} {tuple(t.shape)}, expected {expected[name].dtype} {tuple(expected[name].shape)}"
-            if not torch.isfinite(t).all():
+            if not torch.isfinite(t.coalesce().values() if t.is_sparse else t).all():
                 return f"{name}: non-finite values"
         if update.num_examples < 1:
             return "num_examples is 0"

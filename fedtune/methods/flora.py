@@ -70,10 +70,10 @@ class FLoRA(Method):
             for path, base in self.targets.items():
                 a = torch.cat([
                     (u.num_examples / total) * (self.config.lora.alpha / self.rank(u.client))
-                    * u.tensors[f"{PREFIX}{path}.lora_A.default.weight"]
+                    * u.dense(f"{PREFIX}{path}.lora_A.default.weight")
                     for u in updates
                 ])
-                b = torch.cat([u.tensors[f"{PREFIX}{path}.lora_B.default.weight"] for u in updates], dim=1)
+                b = torch.cat([u.dense(f"{PREFIX}{path}.lora_B.default.weight") for u in updates], dim=1)
                 base.weight += b @ a
                 factors[f"{path}.A"], factors[f"{path}.B"] = a, b
             for name, value in weighted_average([_head_only(u, self.head_names) for u in updates]).items():
@@ -122,4 +122,4 @@ def _plain(peft_name: str) -> str:
 
 
 def _head_only(update: ClientUpdate, head_names: list[str]) -> ClientUpdate:
-    return ClientUpdate(update.client, {n: update.tensors[n] for n in head_names}, update.num_examples)
+    return ClientUpdate(update.client, {n: update.tensors[n] for n in head_names}, update.num_examples, update.reference)

@@ -12,6 +12,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from peft.utils.error import NoMatchingPeftModuleError
 
+from fedtune.codecs.delta import has_reference
 from fedtune.config import LoraSection, RunConfig
 from fedtune.errors import FedtuneError
 from fedtune.methods.base import ClientUpdate
@@ -65,12 +66,20 @@ def load_trainable_state(model: torch.nn.Module, tensors: TensorDict) -> None:
 
 
 def weighted_average(updates: list[ClientUpdate]) -> TensorDict:
-    """FedAvg: sum_k (n_k / n) * x_k for every tensor name, in a fixed client order."""
+    """FedAvg: sum_k (n_k / n) * x_k for every tensor name, in a fixed client order.
+    Changes against a reference (lossy codecs) are added as they come, sparse ones
+    straight into the one dense accumulator: no client's update is densified."""
     total = sum(u.num_examples for u in updates)
-    return {
-        name: sum((u.num_examples / total) * u.tensors[name] for u in updates)
-        for name in updates[0].tensors
-    }
+    average = {}
+    for name in updates[0].tensors:
+        acc = torch.zeros(updates[0].tensors[name].shape)
+        for u in updates:
+            weight = u.num_examples / total
+            acc.add_(u.tensors[name], alpha=weight)
+            if has_reference(name, u.tensors[name], u.reference):
+                acc.add_(u.reference[name], alpha=weight)
+        average[name] = acc
+    return average
 
 
 def lora_layers(model: PeftModel) -> dict[str, LoraLayer]:
