@@ -203,3 +203,25 @@ def test_tuned_parameter_selection(tmp_path):
     assert len(everything) == len(list(classifier.model.parameters()))
     with pytest.raises(FedtuneError, match=r"fedkseed.params \['q_proj'\] matches no parameter"):
         get_method(_config(tmp_path, params=["q_proj"])).tuned(classifier)
+
+
+def test_uplinks_from_another_round_method_or_client_are_rejected(tmp_path):
+    from fedtune.app.server import check_uplink
+    from fedtune.codecs.tensor import PLAIN
+
+    server = _server(_config(tmp_path, encoding="paper"))
+    tensors = {"seeds": torch.arange(5, dtype=torch.int32), "scalars": torch.ones(5)}
+
+    def uplink(method="fedkseed", rnd=3, client="client-1"):
+        return wire.encode(wire.Payload(method, rnd, client, tensors, 40))
+
+    update, reason = check_uplink(server, PLAIN, 3, "client-1", uplink())
+    assert reason == "" and update.num_examples == 40
+    for data, why in [
+        (uplink(rnd=2), "header says fedkseed round 2 from 'client-1'"),
+        (uplink(method="fedit"), "header says fedit round 3"),
+        (uplink(client="client-2"), "from 'client-2'"),
+        (uplink()[:-7], "malformed payload"),
+    ]:
+        update, reason = check_uplink(server, PLAIN, 3, "client-1", data)
+        assert update is None and why in reason

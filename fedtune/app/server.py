@@ -20,7 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 from tqdm import tqdm
 
 from fedtune import report, wire
-from fedtune.codecs.spec import parse_chain
+from fedtune.codecs.spec import Chain, parse_chain
 from fedtune.config import RunConfig, load_config
 from fedtune.data import majority_class_accuracy
 from fedtune.errors import FedtuneError
@@ -138,21 +138,8 @@ def _train_round(
             log.warning("round %d: %s dropped: %s", rnd, client, reply.error.reason)
             continue
         data = reply.content[RECORD]["payload"]
-        try:
-            up = wire.decode(data, keep_sparse=True)
-        except wire.PayloadError as exc:
-            log.warning("round %d: %s dropped: malformed payload: %s", rnd, client, exc)
-            continue
         ledger.record(Transfer(rnd, client, "up", len(data), content_bytes(reply.content)))
-        # A lossy uplink holds changes against what the client was sent.
-        reference = method.server_downlink(client) if chain_up.lossy else {}
-        update = ClientUpdate(client, up.tensors, up.num_examples, reference)
-        if (up.method, up.round, up.client) != (method.name, rnd, client):
-            reason = f"header says {up.method} round {up.round} from {up.client!r}"
-        elif up.codec != chain_up.specs:
-            reason = f"codec chain {list(up.codec)}, configured {list(chain_up.specs)}"
-        else:
-            reason = method.server_check(update)
+        update, reason = check_uplink(method, chain_up, rnd, client, data)
         if reason:
             log.warning("round %d: %s dropped: %s", rnd, client, reason)
             continue
@@ -170,6 +157,24 @@ def _train_round(
         "round_train_time_s": round(time.perf_counter() - started, 3),
         "client_train_time_s": round(float(np.sum(train_times)), 3),
     }
+
+
+def check_uplink(method: Method, chain: Chain, rnd: int, client: str, data: bytes) -> tuple[ClientUpdate | None, str]:
+    """Decode and validate one client's uplink before it may touch the global
+    state: (the update, "") or (None, why it is rejected)."""
+    try:
+        up = wire.decode(data, keep_sparse=True)
+    except wire.PayloadError as exc:
+        return None, f"malformed payload: {exc}"
+    if (up.method, up.round, up.client) != (method.name, rnd, client):
+        return None, f"header says {up.method} round {up.round} from {up.client!r}"
+    if up.codec != chain.specs:
+        return None, f"codec chain {list(up.codec)}, configured {list(chain.specs)}"
+    # A lossy uplink holds changes against what the client was sent.
+    reference = method.server_downlink(client) if chain.lossy else {}
+    update = ClientUpdate(client, up.tensors, up.num_examples, reference)
+    reason = method.server_check(update)
+    return (None, reason) if reason else (update, "")
 
 
 def _collect(
