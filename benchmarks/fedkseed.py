@@ -100,7 +100,7 @@ def main() -> None:
     base = results["inference"]["peak_rss_mb"]
     print(f"peak RSS over inference: LoRA {results['lora']['peak_rss_mb'] / base:.2f}x, "
           f"FedKSeed {results['zo']['peak_rss_mb'] / base:.2f}x")
-    replay_cost(args.config, rounds=3)
+    replay_cost(args.config, rounds=1)
 
 
 if __name__ == "__main__":
