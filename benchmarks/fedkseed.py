@@ -47,7 +47,7 @@ def workload(config_path: str, mode: str, steps: int) -> dict:
             peft = wrap_with_lora(classifier, config.lora, config.run.seed)
             downlink = trainable_state(peft)
             peft.unload()
-        method.client_train(classifier, downlink, ClientJob(client_name(0), 0, data, seed=1))
+        method.client_train(classifier, downlink, ClientJob(client_name(0), data, seed=1))
     elapsed = time.perf_counter() - started
     return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "loaded_mb": loaded / 1024,
             "steps_per_s": steps / elapsed}

@@ -47,7 +47,7 @@ def main() -> None:
     down = method.server_downlink("client-0")
     started = time.perf_counter()
     for pid in range(config.partition.num_clients):
-        job = ClientJob(client_name(pid), pid, client_data(config, pid), derive_seed(config.run.seed, 1, pid))
+        job = ClientJob(client_name(pid), client_data(config, pid), derive_seed(config.run.seed, 1, pid))
         method.client_train(load_model(config), down, job)
     sequential = time.perf_counter() - started
 

@@ -43,7 +43,7 @@ def test_model_starts_as_the_base_model(fed_sb):
 def test_bases_travel_once_and_clients_train_only_r(fed_sb):
     first = fed_sb.server_downlink("client-0")
     assert {n.removeprefix("basis/") for n in first if n.startswith("basis/")} == fed_sb.bases.keys()
-    job = ClientJob("client-0", 0, client_data(fed_sb.config, 0), seed=3)
+    job = ClientJob("client-0", client_data(fed_sb.config, 0), seed=3)
     result = fed_sb.client_train(load_model(fed_sb.config), first, job)
     assert job.state.keys() == fed_sb.bases.keys()
     r_names = [n for n in result.tensors if "lora" in n]
@@ -57,7 +57,7 @@ def test_bases_travel_once_and_clients_train_only_r(fed_sb):
     # Next round starts from the global R, with the bases the client kept.
     fed_sb.client_train(load_model(fed_sb.config), later, job)
 
-    stranger = ClientJob("client-1", 1, client_data(fed_sb.config, 1), seed=3)
+    stranger = ClientJob("client-1", client_data(fed_sb.config, 1), seed=3)
     with pytest.raises(FedtuneError, match="client-1 holds no Fed-SB bases and the server sent none"):
         fed_sb.client_train(load_model(fed_sb.config), later, stranger)
 

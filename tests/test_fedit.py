@@ -36,11 +36,11 @@ def test_client_training_moves_only_the_adapter_and_server_aggregates(config):
     assert all(torch.count_nonzero(t) == 0 for n, t in down.items() if "lora_B" in n)
 
     data = client_data(config, 0)
-    result = method.client_train(load_model(config), down, ClientJob("client-0", 0, data, seed=5))
+    result = method.client_train(load_model(config), down, ClientJob("client-0", data, seed=5))
     assert result.tensors.keys() == down.keys()
     assert result.num_examples == len(data)
     assert any(not torch.equal(result.tensors[n], down[n]) for n in down)
-    again = method.client_train(load_model(config), down, ClientJob("client-0", 0, data, seed=5))
+    again = method.client_train(load_model(config), down, ClientJob("client-0", data, seed=5))
     assert all(torch.equal(again.tensors[n], result.tensors[n]) for n in down)  # deterministic
 
     method.server_aggregate([ClientUpdate("client-0", result.tensors, 40), ClientUpdate("client-1", down, 40)])

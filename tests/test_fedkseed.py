@@ -90,14 +90,14 @@ def test_server_and_client_replicas_are_bit_identical(tmp_path, encoding):
         updates = []
         for c in clients:
             pid = int(c[-1])
-            job = ClientJob(c, pid, client_data(config, pid), seed=rnd * 10 + pid, state=states[c])
+            job = ClientJob(c, client_data(config, pid), seed=rnd * 10 + pid, state=states[c])
             result = server.client_train(load_model(config), server.server_downlink(c), job)
             assert server.server_check(ClientUpdate(c, result.tensors, result.num_examples)) is None
             updates.append(ClientUpdate(c, result.tensors, result.num_examples))
         server.server_aggregate(updates)
 
     # client-0 sat out round 3: it catches up on rounds 3 (and nothing twice).
-    job = ClientJob("client-0", 0, client_data(config, 0), seed=99, state=states["client-0"])
+    job = ClientJob("client-0", client_data(config, 0), seed=99, state=states["client-0"])
     server.client_train(load_model(config), server.server_downlink("client-0"), job)
     global_params = dict(server.server_model().named_parameters())
     diffs = [(job.state[t.name] - global_params[t.name]).abs().max().item() for t in server.tuned_params]
@@ -119,7 +119,7 @@ def test_both_encodings_build_the_same_model(tmp_path):
         for rnd in (1, 2):
             updates = []
             for pid in (0, 1):
-                job = ClientJob(f"client-{pid}", pid, client_data(config, pid), seed=rnd * 10 + pid)
+                job = ClientJob(f"client-{pid}", client_data(config, pid), seed=rnd * 10 + pid)
                 r = server.client_train(load_model(config), server.server_downlink(f"client-{pid}"), job)
                 updates.append(ClientUpdate(f"client-{pid}", r.tensors, r.num_examples))
             server.server_aggregate(updates)

@@ -30,7 +30,7 @@ def test_client_rebuilds_the_server_model_bit_for_bit(flora):
     assert {n.split("/")[0] for n in down if n.startswith("round")} == {"round1", "round2"}
     assert {n.split("/")[0] for n in flora.server_downlink("client-0") if n.startswith("round")} == {"round2"}
 
-    job = ClientJob("client-1", 1, client_data(flora.config, 1), seed=7)
+    job = ClientJob("client-1", client_data(flora.config, 1), seed=7)
     result = flora.client_train(load_model(flora.config), down, job)
     for path, base in flora.targets.items():
         assert torch.equal(job.state[f"{path}.weight"], base.weight)

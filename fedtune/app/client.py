@@ -59,7 +59,7 @@ def train(msg: Message, context: Context) -> Message:
     method = get_method(config)
     state = context.state[STATE].to_torch_state_dict() if STATE in context.state else {}
     seed = derive_seed(config.run.seed, down.round, pid)
-    job = ClientJob(client_name(pid), pid, client_data(config, pid), seed, state)
+    job = ClientJob(client_name(pid), client_data(config, pid), seed, state)
     classifier = load_model(config)
     started = time.perf_counter()
     result = method.client_train(classifier, down.tensors, job)

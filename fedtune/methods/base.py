@@ -40,7 +40,6 @@ class ClientJob:
     """What a client's local round works with, besides its model and downlink."""
 
     client: str
-    partition_id: int
     data: TextDataset
     seed: int  # unique per (run, round, client), so that every run is reproducible
     # The client's own memory between rounds: the method reads and updates it in

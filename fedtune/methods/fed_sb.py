@@ -32,6 +32,7 @@ from fedtune.methods.lora import (
     export_as_lora,
     load_trainable_state,
     lora_layers,
+    temporarily_wrapped,
     trainable_state,
     weighted_average,
     wrap_with_lora,
@@ -125,24 +126,23 @@ def _bases_from_first_update(classifier: Classifier, data: TextDataset, config: 
     """Per LoRA layer, A (r x in) and B (out x r): the top-r right and left singular
     vectors of -sign(sum of the calibration gradients of its base weight). (Adam's
     first step also has the factor lr, which changes no singular vector.)"""
-    peft = wrap_with_lora(classifier, config.lora, config.run.seed)
-    weights = {path: layer.base_layer.weight for path, layer in lora_layers(peft).items()}
     rank = config.lora.rank
-    if too_small := next((p for p, w in weights.items() if min(w.shape) < rank), None):
-        raise FedtuneError(f"lora.rank {rank} exceeds the smaller side of layer {too_small} {tuple(weights[too_small].shape)}")
-    for p in peft.parameters():
-        p.requires_grad_(False)
-    try:
-        for w in weights.values():
-            w.requires_grad_(True)
-        batch = config.train.batch_size
-        for start in range(0, len(data), batch):  # eval mode: no dropout, the same bases every time
-            logits = peft(**classifier.encode(data.texts[start : start + batch])).logits
-            F.cross_entropy(logits, torch.as_tensor(data.labels[start : start + batch]), reduction="sum").backward()
-    finally:
-        for w in weights.values():
-            w.requires_grad_(False)
-        peft.unload()
+    with temporarily_wrapped(classifier, config.lora, config.run.seed) as peft:
+        weights = {path: layer.base_layer.weight for path, layer in lora_layers(peft).items()}
+        if too_small := next((p for p, w in weights.items() if min(w.shape) < rank), None):
+            raise FedtuneError(f"lora.rank {rank} exceeds the smaller side of layer {too_small} {tuple(weights[too_small].shape)}")
+        for p in peft.parameters():
+            p.requires_grad_(False)
+        try:
+            for w in weights.values():
+                w.requires_grad_(True)
+            batch = config.train.batch_size
+            for start in range(0, len(data), batch):  # eval mode: no dropout, the same bases every time
+                logits = peft(**classifier.encode(data.texts[start : start + batch])).logits
+                F.cross_entropy(logits, torch.as_tensor(data.labels[start : start + batch]), reduction="sum").backward()
+        finally:
+            for w in weights.values():
+                w.requires_grad_(False)
     bases = {}
     for path, w in weights.items():
         u, _, vh = torch.linalg.svd(-torch.sign(w.grad), full_matrices=False)

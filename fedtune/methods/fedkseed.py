@@ -33,7 +33,7 @@ from torch import nn
 from fedtune import zeroth_order as zo
 from fedtune.errors import FedtuneError
 from fedtune.methods.base import ClientJob, ClientUpdate, LocalResult, Method
-from fedtune.methods.lora import lora_layers, wrap_with_lora
+from fedtune.methods.lora import lora_layers, temporarily_wrapped
 from fedtune.methods.replay import RoundLog, catch_up
 from fedtune.models import Classifier, export_info
 from fedtune.task import derive_seed
@@ -59,9 +59,8 @@ class FedKSeed(Method):
         names = [n for n, _ in classifier.model.named_parameters()]
         head = [n for n in names if n.startswith(classifier.head_name + ".")]
         if not patterns:
-            peft = wrap_with_lora(classifier, self.config.lora, self.config.run.seed)
-            targets = {f"{path}.weight" for path in lora_layers(peft)}
-            peft.unload()
+            with temporarily_wrapped(classifier, self.config.lora, self.config.run.seed) as peft:
+                targets = {f"{path}.weight" for path in lora_layers(peft)}
             chosen = [n for n in names if n in targets] + head
         elif "all" in patterns:
             chosen = names

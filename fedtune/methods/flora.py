@@ -21,7 +21,15 @@ import torch
 from torch import nn
 
 from fedtune.methods.base import ClientJob, ClientUpdate, LocalResult, Method
-from fedtune.methods.lora import PREFIX, export_as_lora, lora_layers, trainable_state, weighted_average, wrap_with_lora
+from fedtune.methods.lora import (
+    PREFIX,
+    export_as_lora,
+    lora_layers,
+    temporarily_wrapped,
+    trainable_state,
+    weighted_average,
+    wrap_with_lora,
+)
 from fedtune.methods.replay import RoundLog, catch_up
 from fedtune.models import Classifier
 from fedtune.task import partition_id_of
@@ -42,12 +50,12 @@ class FLoRA(Method):
 
     # -- server ----------------------------------------------------------------
     def server_init(self, classifier: Classifier) -> None:
-        # Wrap once to learn PEFT's layer and head names, then unwrap: the global
-        # model is the plain one, into which each round is merged.
-        peft = wrap_with_lora(classifier, self.config.lora, self.config.run.seed)
-        self.targets = {path: layer.base_layer for path, layer in lora_layers(peft).items()}
-        self.head_names = [n for n in trainable_state(peft) if "lora_" not in n]
-        self.model = peft.unload()
+        # PEFT's layer and head names; the global model is the plain one, into
+        # which each round is merged.
+        with temporarily_wrapped(classifier, self.config.lora, self.config.run.seed) as peft:
+            self.targets = {path: layer.base_layer for path, layer in lora_layers(peft).items()}
+            self.head_names = [n for n in trainable_state(peft) if "lora_" not in n]
+        self.model = classifier.model
         self.params = dict(self.model.named_parameters())
         self.log = RoundLog()  # each round's stacked factors
 
@@ -67,15 +75,15 @@ class FLoRA(Method):
         total = sum(u.num_examples for u in updates)
         factors = {}
         with torch.no_grad():
-            for path, base in self.targets.items():
+            for path in self.targets:
                 a = torch.cat([
                     (u.num_examples / total) * (self.config.lora.alpha / self.rank(u.client))
                     * u.dense(f"{PREFIX}{path}.lora_A.default.weight")
                     for u in updates
                 ])
                 b = torch.cat([u.dense(f"{PREFIX}{path}.lora_B.default.weight") for u in updates], dim=1)
-                base.weight += b @ a
                 factors[f"{path}.A"], factors[f"{path}.B"] = a, b
+            _merge(self.params, factors)
             for name, value in weighted_average([_head_only(u, self.head_names) for u in updates]).items():
                 self.params[_plain(name)].copy_(value)
         self.log.append(factors, (u.client for u in updates))
@@ -96,14 +104,7 @@ class FLoRA(Method):
     # -- client ----------------------------------------------------------------
     def client_train(self, classifier: Classifier, downlink: TensorDict, job: ClientJob) -> LocalResult:
         params = dict(classifier.model.named_parameters())
-
-        def merge(factors: TensorDict) -> list[str]:
-            paths = [name.removesuffix(".A") for name in factors if name.endswith(".A")]
-            for path in paths:
-                params[f"{path}.weight"] += factors[f"{path}.B"] @ factors[f"{path}.A"]
-            return [f"{path}.weight" for path in paths]
-
-        catch_up(classifier.model, downlink, job.state, merge)
+        catch_up(classifier.model, downlink, job.state, lambda factors: _merge(params, factors))
         with torch.no_grad():
             for name, tensor in downlink.items():
                 if name.startswith(HEAD):
@@ -114,6 +115,16 @@ class FLoRA(Method):
         t = self.config.train
         loss = train_steps(model, classifier, job.data, t.local_steps, t.batch_size, t.lr, t.weight_decay, job.seed)
         return LocalResult(trainable_state(model), len(job.data), {"train_loss": loss})
+
+
+def _merge(params: dict[str, nn.Parameter], factors: TensorDict) -> list[str]:
+    """W += B A for every layer of one round's stacked factors; the server and every
+    client merge through this, so their weights stay bit-identical."""
+    paths = [name.removesuffix(".A") for name in factors if name.endswith(".A")]
+    with torch.no_grad():
+        for path in paths:
+            params[f"{path}.weight"] += factors[f"{path}.B"] @ factors[f"{path}.A"]
+    return [f"{path}.weight" for path in paths]
 
 
 def _plain(peft_name: str) -> str:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -85,6 +87,17 @@ def weighted_average(updates: list[ClientUpdate]) -> TensorDict:
 def lora_layers(model: PeftModel) -> dict[str, LoraLayer]:
     """The LoRA-wrapped layers, keyed by their path in the unwrapped model."""
     return {n.removeprefix(PREFIX): m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+@contextmanager
+def temporarily_wrapped(classifier: Classifier, cfg: LoraSection, seed: int) -> Iterator[PeftModel]:
+    """The classifier wrapped with LoRA inside the block and unwrapped after it: for
+    methods that need PEFT's choice of layers but train no standard LoRA."""
+    model = wrap_with_lora(classifier, cfg, seed)
+    try:
+        yield model
+    finally:
+        model.unload()
 
 
 def save_adapter(model: PeftModel, classifier: Classifier, directory: Path) -> None:
