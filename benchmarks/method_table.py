@@ -1,6 +1,7 @@
 """Final accuracy and bytes per client-round of the adapter methods on one task.
 
-    .venv/bin/python benchmarks/method_table.py simulations/default.toml --out runs/method-table
+    .venv/bin/python benchmarks/method_table.py simulations/default.toml
+    .venv/bin/python benchmarks/method_table.py simulations/default.toml --grid codecs
 
 Each cell is a `fedtune run` of CONFIG with a few overrides, in its own process; a
 cell whose summary.json exists is not run again (rerun after an interruption to
@@ -13,6 +14,7 @@ import argparse
 import json
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 CELLS = {
@@ -23,6 +25,27 @@ CELLS = {
     "Fed-SB (r=16)": ["federation.method=fed_sb", "lora.rank=16", "lora.alpha=16"],
     "Fed-SB (r=48)": ["federation.method=fed_sb", "lora.rank=48", "lora.alpha=48"],
 }
+
+# Uplink chains per method; each is compared with its method's uncompressed cell above.
+CODECS = {
+    "FedIT (r=8)": ["float16", "int8", "int4", "ternary", "topk:0.05,int8", "int8,zstd"],
+    "Fed-SB (r=16)": ["float16", "int8", "int4", "ternary", "topk:0.25,int8"],
+}
+DOWNLINK = {"FedIT (r=8)": ("int8", "float16")}  # (up, down) cells with a compressed downlink too
+
+
+def codec_cells() -> dict[str, tuple[str, list[str]]]:
+    """label -> (label of the uncompressed cell, overrides)."""
+    cells = {}
+    for method, chains in CODECS.items():
+        cells[method] = (method, CELLS[method])
+        for chain in chains:
+            up = ", ".join(f'"{c}"' for c in chain.split(","))
+            cells[f"{method} up {chain}"] = (method, [*CELLS[method], f"compression.up=[{up}]"])
+    for method, (up, down) in DOWNLINK.items():
+        overrides = [*CELLS[method], f'compression.up=["{up}"]', f'compression.down=["{down}"]']
+        cells[f"{method} up {up} down {down}"] = (method, overrides)
+    return cells
 
 
 def run_cell(config: str, out: Path, label: str, overrides: list[str]) -> Path:
@@ -47,12 +70,34 @@ def first_and_later_downlink(run_dir: Path) -> tuple[float, float]:
     return sum(first) / len(first), sum(later) / max(len(later), 1)
 
 
+def print_codec_table(config: str, out: Path) -> None:
+    cells = codec_cells()
+    run_dirs = {label: run_cell(config, out, label, o) for label, (_, o) in cells.items()}
+    summaries = {label: json.loads((d / "summary.json").read_text()) for label, d in run_dirs.items()}
+    chains = {label: tomllib.loads((d / "config.toml").read_text()).get("compression", {}) for label, d in run_dirs.items()}
+    print("\n| method | uplink | downlink | bytes up / client-round | ratio | bytes down / client-round | final accuracy | change |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
+    for label, (base, _) in cells.items():
+        s, b = summaries[label], summaries[base]
+        up, down = (" + ".join(chains[label].get(k, [])) or "float32" for k in ("up", "down"))
+        print(
+            f"| {base} | {up} | {down} | {s['bytes_per_client_round_up']:,} "
+            f"| {b['bytes_per_client_round_up'] / s['bytes_per_client_round_up']:.1f}x "
+            f"| {s['bytes_per_client_round_down']:,} | {s['final_accuracy']:.3f} "
+            f"| {s['final_accuracy'] - b['final_accuracy']:+.3f} |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config")
     parser.add_argument("--out", type=Path, default=Path("runs/method-table"))
+    parser.add_argument("--grid", choices=("methods", "codecs"), default="methods")
     parser.add_argument("--only", nargs="*", help="labels of the cells to run (default: all)")
     args = parser.parse_args()
+    if args.grid == "codecs":
+        print_codec_table(args.config, args.out)
+        return
     cells = {k: v for k, v in CELLS.items() if not args.only or k in args.only}
     run_dirs = {label: run_cell(args.config, args.out, label, o) for label, o in cells.items()}
 
