@@ -12,9 +12,16 @@ from fedtune.task import load_model
 WEIGHTS = [10, 30, 60]
 
 
+@torch.no_grad()
 def _deltas(model) -> dict[str, torch.Tensor]:
-    """Every LoRA layer's weight change as PEFT computes it (scaling * B @ A)."""
-    return {n: m.get_delta_weight("default").detach().clone() for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+    """Every LoRA layer's weight change, read off its function: the layer minus its
+    base layer, applied to the identity, whatever the adapter holds inside."""
+    deltas = {}
+    for n, m in model.named_modules():
+        if isinstance(m, LoraLayer):
+            eye = torch.eye(m.base_layer.in_features)
+            deltas[n] = (m(eye) - m.base_layer(eye)).T.clone()
+    return deltas
 
 
 def _random_updates(template, seed):

@@ -15,13 +15,13 @@ state; after that its downlink is only R and the head.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from peft import PeftModel
 from torch import nn
-from torch.nn.utils import parametrize
 
 from fedtune.config import RunConfig
 from fedtune.data import TextDataset
@@ -33,30 +33,17 @@ from fedtune.methods.lora import (
     load_trainable_state,
     lora_layers,
     temporarily_wrapped,
+    train_adapter,
     trainable_state,
     weighted_average,
     wrap_with_lora,
 )
 from fedtune.models import Classifier
+from fedtune.privacy.mechanism import Noise
 from fedtune.task import server_data
-from fedtune.training import train_steps
 from fedtune.wire import TensorDict
 
 BASIS = "basis/"
-
-
-class _TimesBasis(nn.Module):
-    """Parametrizes lora_B as basis @ R: the trainable tensor is the r x r matrix R."""
-
-    def __init__(self, basis: torch.Tensor) -> None:
-        super().__init__()
-        self.register_buffer("basis", basis)
-
-    def forward(self, r: torch.Tensor) -> torch.Tensor:
-        return self.basis @ r
-
-    def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
-        return self.basis.T @ weight  # exact for weights in the basis' span (orthonormal columns)
 
 
 class FedSB(Method):
@@ -64,15 +51,20 @@ class FedSB(Method):
     lossy_downlink = False
 
     def wrap(self, classifier: Classifier, bases: TensorDict, seed: int) -> PeftModel:
-        """LoRA with A and B fixed to ``bases`` and R (zero) trainable in each layer."""
+        """LoRA with A and B fixed to ``bases`` and R (zero) trainable in each layer:
+        PEFT's lora_B becomes the plain linear layers R then B, which Opacus'
+        per-example gradients support as they are."""
         model = wrap_with_lora(classifier, self.config.lora, seed)
+        rank = self.config.lora.rank
         for path, layer in lora_layers(model).items():
-            a, b = layer.lora_A["default"], layer.lora_B["default"]
+            a = layer.lora_A["default"]
             with torch.no_grad():
                 a.weight.copy_(bases[f"{path}.A"])
-                b.weight.zero_()
             a.weight.requires_grad_(False)
-            parametrize.register_parametrization(b, "weight", _TimesBasis(bases[f"{path}.B"]), unsafe=True)
+            r, b = nn.Linear(rank, rank, bias=False), nn.Linear(rank, bases[f"{path}.B"].shape[0], bias=False)
+            nn.init.zeros_(r.weight)
+            b.weight = nn.Parameter(bases[f"{path}.B"].clone(), requires_grad=False)
+            layer.lora_B["default"] = nn.Sequential(OrderedDict(R=r, B=b))
         return model
 
     # -- server ----------------------------------------------------------------
@@ -92,8 +84,8 @@ class FedSB(Method):
     def uplink_template(self, client: str) -> TensorDict:
         return self.global_tensors
 
-    def server_aggregate(self, updates: list[ClientUpdate]) -> None:
-        self.global_tensors = weighted_average(updates)
+    def server_aggregate(self, updates: list[ClientUpdate], noise: Noise | None = None) -> None:
+        self.global_tensors = weighted_average(updates, noise)
         load_trainable_state(self.model, self.global_tensors)
         self.has_bases.update(u.client for u in updates)
 
@@ -104,7 +96,8 @@ class FedSB(Method):
         """As a standard LoRA adapter: lora_A = A, lora_B = B R, same scaling."""
         tensors = {n: t for n, t in self.global_tensors.items() if "lora_B" not in n}
         for path, layer in lora_layers(self.model).items():
-            tensors[f"{PREFIX}{path}.lora_B.default.weight"] = layer.lora_B["default"].weight.detach()
+            sandwich = layer.lora_B["default"]
+            tensors[f"{PREFIX}{path}.lora_B.default.weight"] = (sandwich.B.weight @ sandwich.R.weight).detach()
             tensors[f"{PREFIX}{path}.lora_A.default.weight"] = self.bases[f"{path}.A"]
         export_as_lora(self.config, self.config.lora.rank, self.config.lora.alpha, tensors, directory)
 
@@ -117,9 +110,7 @@ class FedSB(Method):
             raise FedtuneError(f"{job.client} holds no Fed-SB bases and the server sent none")
         model = self.wrap(classifier, job.state, job.seed)
         load_trainable_state(model, {n: t for n, t in downlink.items() if not n.startswith(BASIS)})
-        t = self.config.train
-        loss = train_steps(model, classifier, job.data, t.local_steps, t.batch_size, t.lr, t.weight_decay, job.seed)
-        return LocalResult(trainable_state(model), len(job.data), {"train_loss": loss})
+        return train_adapter(model, classifier, job, self.config.train)
 
 
 def _bases_from_first_update(classifier: Classifier, data: TextDataset, config: RunConfig) -> TensorDict:
