@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/method_table.py simulations/default.toml
     .venv/bin/python benchmarks/method_table.py simulations/default.toml --grid codecs
+    .venv/bin/python benchmarks/method_table.py simulations/default.toml --grid privacy
 
 Each cell is a `fedtune run` of CONFIG with a few overrides, in its own process; a
 cell whose summary.json exists is not run again (rerun after an interruption to
@@ -32,6 +33,11 @@ CODECS = {
     "Fed-SB (r=16)": ["float16", "int8", "int4", "ternary", "topk:0.25,int8"],
 }
 DOWNLINK = {"FedIT (r=8)": ("int8", "float16")}  # (up, down) cells with a compressed downlink too
+
+
+# DP-SGD (sample-level DP) at each epsilon, delta 1e-5, noise calibrated to the run.
+PRIVATE_METHODS = ["FedIT (r=8)", "FFA-LoRA (r=8)", "Fed-SB (r=16)"]
+EPSILONS = [8.0, 3.0, 1.0]
 
 
 def codec_cells() -> dict[str, tuple[str, list[str]]]:
@@ -88,15 +94,31 @@ def print_codec_table(config: str, out: Path) -> None:
         )
 
 
+def print_privacy_table(config: str, out: Path) -> None:
+    accuracy = {}
+    for method in PRIVATE_METHODS:
+        accuracy[method, None] = run_cell(config, out, method, CELLS[method])
+        for eps in EPSILONS:
+            dp = ["privacy.mode=sample", f"privacy.epsilon={eps}"]
+            accuracy[method, eps] = run_cell(config, out, f"{method} DP-SGD eps {eps:g}", [*CELLS[method], *dp])
+    accuracy = {k: json.loads((d / "summary.json").read_text()) for k, d in accuracy.items()}
+    print("\n| method | no DP | " + " | ".join(f"epsilon {e:g}" for e in EPSILONS) + " |")
+    print("|---|---:|" + "---:|" * len(EPSILONS))
+    for method in PRIVATE_METHODS:
+        cells = [f"{accuracy[method, None]['final_accuracy']:.3f}"]
+        cells += [f"{accuracy[method, e]['final_accuracy']:.3f} (spent {accuracy[method, e]['epsilon']:.2f})" for e in EPSILONS]
+        print(f"| {method} | " + " | ".join(cells) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config")
     parser.add_argument("--out", type=Path, default=Path("runs/method-table"))
-    parser.add_argument("--grid", choices=("methods", "codecs"), default="methods")
+    parser.add_argument("--grid", choices=("methods", "codecs", "privacy"), default="methods")
     parser.add_argument("--only", nargs="*", help="labels of the cells to run (default: all)")
     args = parser.parse_args()
-    if args.grid == "codecs":
-        print_codec_table(args.config, args.out)
+    if args.grid != "methods":
+        {"codecs": print_codec_table, "privacy": print_privacy_table}[args.grid](args.config, args.out)
         return
     cells = {k: v for k, v in CELLS.items() if not args.only or k in args.only}
     run_dirs = {label: run_cell(args.config, args.out, label, o) for label, o in cells.items()}

@@ -33,13 +33,16 @@ def _run(args: argparse.Namespace) -> int:
     from fedtune.config import load_config
     from fedtune.methods import get_method
     from fedtune.simulation import run_simulation
-    from fedtune.task import client_partitions, load_model
+    from fedtune.privacy.accounting import Budget
+    from fedtune.task import client_name, client_partitions, load_model
 
     config = load_config(args.config, args.overrides)
     # Preflight in this process: every user mistake surfaces here as one line,
     # before Ray starts, and a GGUF model is converted once, not once per client.
-    client_partitions(config)
+    parts = client_partitions(config)
     get_method(config).server_init(load_model(config))
+    if config.privacy.mode != "none":
+        Budget(config, {client_name(i): len(p) for i, p in enumerate(parts)}).check_first_round()
 
     run_dir = report.create_run_dir(config)
     print(f"run directory: {run_dir}", flush=True)

@@ -115,6 +115,21 @@ class CompressionSection:
 
 
 @dataclass(frozen=True)
+class PrivacySection:
+    # "none"; "client": each client's update clipped to L2 norm `clip`, Gaussian
+    # noise of std noise_multiplier * clip on every released sum (DP-FedAvg);
+    # "sample": DP-SGD with Opacus in local training, per-example gradients clipped.
+    mode: str = "none"
+    epsilon: float = 8.0  # the budget: the run stops before any client would exceed it
+    delta: float = 1e-5
+    clip: float = 1.0
+    # 0: the smallest that keeps run.rounds within (epsilon, delta).
+    noise_multiplier: float = 0.0
+    noise_on: str = "server"  # "clients": each adds its share (for secure aggregation)
+    accountant: str = "rdp"  # Opacus' "rdp" or "prv"
+
+
+@dataclass(frozen=True)
 class SimulationSection:
     cpus_per_client: int = 1
     max_parallel_clients: int = 0  # 0 = as many as the machine's cores allow
@@ -132,6 +147,7 @@ class RunConfig:
     fed_sb: FedSBSection = field(default_factory=FedSBSection)
     fedkseed: FedKSeedSection = field(default_factory=FedKSeedSection)
     compression: CompressionSection = field(default_factory=CompressionSection)
+    privacy: PrivacySection = field(default_factory=PrivacySection)
     simulation: SimulationSection = field(default_factory=SimulationSection)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -139,6 +155,7 @@ class RunConfig:
 
 
 PARTITION_SCHEMES = ("iid", "dirichlet", "quantity")
+PRIVACY_MODES = ("none", "client", "sample")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
@@ -263,9 +280,24 @@ def validate(c: RunConfig) -> None:
     _require(1 <= k.num_seeds <= 2**31 - 1, "fedkseed.num_seeds", "between 1 and 2**31 - 1", k.num_seeds)
     _require(k.eps > 0, "fedkseed.eps", "> 0", k.eps)
     _require(k.encoding in ("paper", "compact"), "fedkseed.encoding", "'paper' or 'compact'", k.encoding)
-    parse_chain(c.compression.up, "compression.up")
+    up = parse_chain(c.compression.up, "compression.up")
     down = parse_chain(c.compression.down, "compression.down")
     _require(not down.biased, "compression.down", "free of sparsifiers and ternary (the downlink is the model itself)", c.compression.down)
+    p = c.privacy
+    _require(p.mode in PRIVACY_MODES, "privacy.mode", f"one of {', '.join(PRIVACY_MODES)}", p.mode)
+    _require(p.epsilon > 0, "privacy.epsilon", "> 0", p.epsilon)
+    _require(0 < p.delta < 1, "privacy.delta", "in (0, 1)", p.delta)
+    _require(p.clip > 0, "privacy.clip", "> 0", p.clip)
+    _require(p.noise_multiplier >= 0, "privacy.noise_multiplier", ">= 0 (0 = calibrate to the budget)", p.noise_multiplier)
+    _require(p.noise_on in ("server", "clients"), "privacy.noise_on", "'server' or 'clients'", p.noise_on)
+    _require(p.accountant in ("rdp", "prv"), "privacy.accountant", "'rdp' or 'prv'", p.accountant)
+    _require(
+        not (p.mode == "client" and p.noise_on == "server" and up.lossy),
+        "compression.up",
+        "lossless under privacy.mode 'client' with noise_on 'server' (a lossy codec, with error feedback above "
+        "all, can send more than the clipped update the noise is calibrated to; use noise_on 'clients')",
+        c.compression.up,
+    )
     _require(
         c.simulation.cpus_per_client >= 1, "simulation.cpus_per_client", ">= 1", c.simulation.cpus_per_client
     )

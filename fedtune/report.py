@@ -70,9 +70,10 @@ def print_round(row: dict, baselines: dict[str, float]) -> None:
     reference = f"majority class {baselines['majority_accuracy']:.3f}"
     if "zero_shot_accuracy" in baselines:
         reference = f"zero-shot {baselines['zero_shot_accuracy']:.3f}, {reference}"
+    privacy = f"  epsilon {row['epsilon']:.2f}" if "epsilon" in row else ""
     tqdm.write(
         f"{head:>9}: accuracy {row['accuracy']:.3f} ({reference})"
-        f"  loss {row['loss']:.3f}  down {human_bytes(row['bytes_down'])}  up {human_bytes(row['bytes_up'])}"
+        f"  loss {row['loss']:.3f}  down {human_bytes(row['bytes_down'])}  up {human_bytes(row['bytes_up'])}{privacy}"
     )
 
 
@@ -81,7 +82,7 @@ def summarize(config: RunConfig, rows: list[dict], ledger: Ledger, baselines: di
     return {
         "method": config.federation.method,
         "model": config.model.name,
-        "rounds": config.run.rounds,
+        "rounds": rows[-1]["round"],
         "final_accuracy": rows[-1]["accuracy"],
         "best_accuracy": max(r["accuracy"] for r in rows[1:]),
         "final_loss": rows[-1]["loss"],
@@ -94,7 +95,14 @@ def summarize(config: RunConfig, rows: list[dict], ledger: Ledger, baselines: di
         "message_bytes_up": ledger.total("up", field="message_bytes"),
         "client_rounds": client_rounds,
         "wall_time_s": round(wall, 1),
-    }
+    } | _privacy(config, rows)
+
+
+def _privacy(config: RunConfig, rows: list[dict]) -> dict:
+    if config.privacy.mode == "none":
+        return {}
+    spent = [r["epsilon"] for r in rows if "epsilon" in r]
+    return {"privacy": config.privacy.mode, "epsilon": spent[-1] if spent else 0.0, "delta": config.privacy.delta}
 
 
 def finish(run_dir: Path, rows: list[dict], summary: dict) -> None:
@@ -135,6 +143,10 @@ def summary_table(summary: dict) -> str:
     ]
     if "centralized_accuracy" in summary:
         rows.append(("centralized baseline", f"{summary['centralized_accuracy']:.3f}"))
+    if "privacy" in summary:
+        rows.append((f"{summary['privacy']}-level DP", f"epsilon {summary['epsilon']:.2f}, delta {summary['delta']:g}"))
+    if "stopped" in summary:
+        rows.append(("stopped", summary["stopped"]))
     rows += [
         ("bytes down / up", f"{human_bytes(summary['total_bytes_down'])} / {human_bytes(summary['total_bytes_up'])}"),
         ("per client-round down / up", f"{human_bytes(summary['bytes_per_client_round_down'])} / "

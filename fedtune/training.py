@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from fedtune.data import TextDataset
 from fedtune.models import Classifier
+from fedtune.privacy.dp_sgd import DPSGD, make_private, poisson_batches
 
 
 @dataclass(frozen=True)
@@ -39,26 +40,36 @@ def train_steps(
     weight_decay: float,
     seed: int,
     progress: bool = False,
+    dp: DPSGD | None = None,
 ) -> float:
     """Run ``steps`` AdamW steps on the trainable parameters; returns the mean loss.
+    With ``dp``, the steps are DP-SGD steps on Poisson-sampled batches.
 
     The optimizer is fresh every call: local optimizer state does not survive a
     round, as in FedAvg-style methods."""
     torch.manual_seed(seed)  # dropout
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    forward, batches = model, batch_order(len(data), steps, batch_size, seed)
+    if dp is not None:
+        forward, optimizer = make_private(model, optimizer, dp, batch_size, seed)
+        batches = poisson_batches(len(data), steps, batch_size, seed)
     model.train()
     losses = []
-    for idx in tqdm(batch_order(len(data), steps, batch_size, seed), desc="steps", leave=False, disable=not progress):
+    for idx in tqdm(batches, desc="steps", leave=False, disable=not progress):
+        if not len(idx):  # an empty Poisson sample: nothing to learn, nothing released
+            continue
         batch = classifier.encode([data.texts[i] for i in idx])
-        logits = model(**batch).logits
+        logits = forward(**batch).logits
         loss = F.cross_entropy(logits, torch.as_tensor(data.labels[idx]))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
+    if dp is not None:
+        forward.remove_hooks()
     model.eval()
-    return float(np.mean(losses))
+    return float(np.mean(losses)) if losses else float("nan")
 
 
 @torch.no_grad()

@@ -59,3 +59,11 @@ def test_unknown_key_from_the_shell_has_no_traceback():
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: unknown config key lora.rnak; allowed: rank, alpha, dropout, target_modules, client_ranks"
     assert "Traceback" not in proc.stderr
+
+
+def test_privacy_budget_spent_before_the_first_round(capsys):
+    _fails_cleanly(
+        capsys,
+        ["--set", "privacy.mode=client", "--set", "privacy.noise_multiplier=0.3", "--set", "privacy.epsilon=1"],
+        "spent before the first round", "epsilon 20.393 > privacy.epsilon=1.0",
+    )

@@ -4,6 +4,7 @@ node's Flower context."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -17,12 +18,16 @@ from fedtune.codecs.spec import parse_chain
 from fedtune.app.server import RECORD
 from fedtune.config import RunConfig
 from fedtune.errors import FedtuneError
-from fedtune.methods import ClientJob, LocalResult, get_method
+from fedtune.methods import ClientJob, LocalResult, Method, get_method
+from fedtune.privacy.accounting import Budget
+from fedtune.privacy.dp_sgd import DPSGD
+from fedtune.privacy.mechanism import Noise, clip_update
 from fedtune.task import client_data, client_name, config_from_json, derive_seed, load_model
 
 app = ClientApp()
 STATE = "fedtune.state"  # the method's client state, kept on the node between rounds
 RESIDUAL = "fedtune.residual"  # error feedback of a biased uplink codec, kept likewise
+PRIVACY = "fedtune.privacy"  # the DP-SGD accountant's history of this client, likewise
 
 
 def _partition_id(context: Context, config: RunConfig) -> int:
@@ -59,16 +64,52 @@ def train(msg: Message, context: Context) -> Message:
     method = get_method(config)
     state = context.state[STATE].to_torch_state_dict() if STATE in context.state else {}
     seed = derive_seed(config.run.seed, down.round, pid)
-    job = ClientJob(client_name(pid), client_data(config, pid), seed, state)
+    client, data = client_name(pid), client_data(config, pid)
+    budget = Budget(config, {client: len(data)}) if config.privacy.mode != "none" else None
+    dp_sgd = _dp_sgd(config, context, budget, client) if config.privacy.mode == "sample" else None
+    job = ClientJob(client, data, seed, state, dp_sgd)
     classifier = load_model(config)
     started = time.perf_counter()
     result = method.client_train(classifier, down.tensors, job)
     metrics = {**result.metrics, "train_time_s": time.perf_counter() - started}
+    if dp_sgd is not None:
+        budget.spend([client])
+        context.state[PRIVACY] = ArrayRecord(torch_state_dict={"history": torch.tensor(budget.history[client], dtype=torch.float64)})
+        metrics["epsilon"] = budget.epsilon(client)
+    if config.privacy.mode == "client" and result.start:
+        result = _clip(config, method, result, budget.noise[client], seed)
     if job.state:
         context.state[STATE] = ArrayRecord(torch_state_dict=job.state)
     content = RecordDict({RECORD: ConfigRecord({"payload": _uplink(config, context, down, result, job)}),
                           "metrics": MetricRecord(metrics)})
     return Message(content, reply_to=msg)
+
+
+def _dp_sgd(config: RunConfig, context: Context, budget: Budget, client: str) -> DPSGD:
+    """DP-SGD's settings for this round, after checking the client's own
+    accountant: a client never trains past its budget, whatever the server asks."""
+    if PRIVACY in context.state:
+        history = context.state[PRIVACY].to_torch_state_dict()["history"].tolist()
+        budget.history[client] = [(z, q, int(steps)) for z, q, steps in history]
+    if reason := budget.overspending([client]):
+        raise FedtuneError(f"privacy budget: {reason}; this client trains no more")
+    return DPSGD(budget.noise[client], config.privacy.clip)
+
+
+def _clip(config: RunConfig, method: Method, result: LocalResult, noise_multiplier: float, seed: int) -> LocalResult:
+    """Client-level DP on the client: clip the update, and with privacy.noise_on
+    'clients' add this client's share of the noise (the whole of it for a tensor
+    the server releases on its own)."""
+    p = config.privacy
+    tensors, norm = clip_update(result.tensors, result.start, p.clip)
+    if p.noise_on == "clients":
+        noise = Noise(noise_multiplier * p.clip, torch.Generator().manual_seed(derive_seed(seed, 0xD9)))
+        share = noise.share(config.federation.clients_per_round or config.partition.num_clients)
+        tensors = {
+            n: t + (noise if method.released_alone(n) else share).sample(t.shape) if t.is_floating_point() else t
+            for n, t in tensors.items()
+        }
+    return dataclasses.replace(result, tensors=tensors, metrics={**result.metrics, "update_norm": norm})
 
 
 def _uplink(config: RunConfig, context: Context, down: wire.Payload, result: LocalResult, job: ClientJob) -> bytes:

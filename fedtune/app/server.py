@@ -7,6 +7,7 @@ The same code runs under `fedtune run` (simulation) and `flwr run` (any federati
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shlex
 import time
@@ -27,6 +28,8 @@ from fedtune.errors import FedtuneError
 from fedtune.ledger import Ledger, Transfer, content_bytes
 from fedtune.methods import ClientUpdate, Method, get_method
 from fedtune.partition import partition_summary
+from fedtune.privacy.accounting import Budget
+from fedtune.privacy.mechanism import Noise
 from fedtune.task import config_to_json, derive_seed, load_model, load_splits, partition_id_of
 from fedtune.training import evaluate
 
@@ -42,7 +45,10 @@ def serve(grid: Grid, config: RunConfig, run_dir: Path) -> dict:
     train, test = load_splits(config)
     classifier = load_model(config)
     method.server_init(classifier)
-    nodes = _enroll(grid, config, train.label_names)
+    nodes, sizes = _enroll(grid, config, train.label_names)
+    budget = Budget(config, sizes) if config.privacy.mode != "none" else None
+    if budget:
+        budget.check_first_round()
 
     ledger = Ledger(run_dir / "ledger.jsonl")
     baselines = {"majority_accuracy": majority_class_accuracy(train.labels, test.labels)}
@@ -58,24 +64,37 @@ def serve(grid: Grid, config: RunConfig, run_dir: Path) -> dict:
     baselines["zero_shot_accuracy"] = rows[0]["accuracy"]
     per_round = config.federation.clients_per_round or len(nodes)
     bar = tqdm(total=config.run.rounds * per_round, desc="client rounds", unit="client", leave=False)
+    stopped = ""
     for rnd in range(1, config.run.rounds + 1):
         sampled = _sample_clients(sorted(nodes), per_round, config.run.seed, rnd)
+        if budget and (stopped := budget.overspending(sampled)):
+            stopped = f"stopped before round {rnd} to stay within the privacy budget: {stopped}"
+            tqdm.write(stopped)
+            break
         updates, train_metrics = _train_round(grid, config, method, rnd, {c: nodes[c] for c in sampled}, ledger, bar)
         if not updates:
             raise FedtuneError(f"round {rnd}: no client returned an update (see the warnings above); "
                                f"finished rounds are in {run_dir}")
-        method.server_aggregate(updates)
+        noise = None
+        if budget:
+            budget.spend(sampled)
+            train_metrics["epsilon"] = budget.max_epsilon()
+            updates, noise = _client_level_dp(config, budget, updates, rnd)
+        method.server_aggregate(updates, noise)
         evaluate_and_record(rnd, train_metrics)
     bar.close()
 
     method.export(run_dir / ADAPTER)
     summary = report.summarize(config, rows, ledger, baselines, time.perf_counter() - started)
+    if stopped:
+        summary["stopped"] = stopped
     report.finish(run_dir, rows, summary)
     return summary
 
 
-def _enroll(grid: Grid, config: RunConfig, label_names: list[str]) -> dict[str, int]:
-    """Hand every node the run config; learn which client (partition) each node is."""
+def _enroll(grid: Grid, config: RunConfig, label_names: list[str]) -> tuple[dict[str, int], dict[str, int]]:
+    """Hand every node the run config; learn which client (partition) each node is,
+    and how many examples it holds: (client -> node id, client -> examples)."""
     wanted = config.partition.num_clients
     deadline = time.monotonic() + config.federation.timeout_s
     while len(node_ids := sorted(grid.get_node_ids())) < wanted:
@@ -84,7 +103,7 @@ def _enroll(grid: Grid, config: RunConfig, label_names: list[str]) -> dict[str, 
         time.sleep(1.0)
     content = RecordDict({RECORD: ConfigRecord({"config": config_to_json(config)})})
     messages = [Message(content, dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids]
-    nodes, parts, labels = {}, [], []
+    nodes, sizes, parts, labels = {}, {}, [], []
     replies = _collect(grid, messages, config.federation.timeout_s)
     if failed := next((r for r in replies if r.has_error()), None):
         raise FedtuneError(f"a client failed to enroll: {failed.error.reason}")
@@ -93,12 +112,29 @@ def _enroll(grid: Grid, config: RunConfig, label_names: list[str]) -> dict[str, 
         record = reply.content[RECORD]
         nodes[str(record["client"])] = reply.metadata.src_node_id
         histogram = np.asarray(record["histogram"], dtype=np.int64)
+        sizes[str(record["client"])] = int(histogram.sum())
         parts.append(np.arange(len(labels), len(labels) + histogram.sum()))
         labels.extend(np.repeat(np.arange(len(histogram)), histogram))
     if len(nodes) < wanted:
         raise FedtuneError(f"only {len(nodes)} of {wanted} clients enrolled within federation.timeout_s")
     print(partition_summary(parts, np.asarray(labels, dtype=np.int64), label_names), flush=True)
-    return nodes
+    return nodes, sizes
+
+
+def _client_level_dp(
+    config: RunConfig, budget: Budget, updates: list[ClientUpdate], rnd: int
+) -> tuple[list[ClientUpdate], Noise | None]:
+    """Under client-level DP every client weighs the same (so one client moves the
+    average by at most clip / m), and the server draws the noise unless the
+    clients added it. (Sample-level DP needs neither: the clients' training is private.)"""
+    p = config.privacy
+    if p.mode != "client":
+        return updates, None
+    updates = [dataclasses.replace(u, num_examples=1) for u in updates]
+    if p.noise_on == "clients":
+        return updates, None
+    z = budget.noise[updates[0].client]
+    return updates, Noise(z * p.clip, torch.Generator().manual_seed(derive_seed(config.run.seed, rnd, 0xD9)))
 
 
 def _sample_clients(clients: list[str], count: int, seed: int, rnd: int) -> list[str]:

@@ -23,6 +23,8 @@ from fedtune.config import RunConfig
 from fedtune.data import TextDataset
 from fedtune.errors import FedtuneError
 from fedtune.models import Classifier
+from fedtune.privacy.dp_sgd import DPSGD
+from fedtune.privacy.mechanism import Noise
 from fedtune.wire import TensorDict
 
 
@@ -33,6 +35,9 @@ class LocalResult:
     tensors: TensorDict
     num_examples: int
     metrics: dict[str, float] = field(default_factory=dict)
+    # The tensors' values before local training (client-level DP clips the change);
+    # empty when the tensors are the change themselves (FedKSeed's scalars).
+    start: TensorDict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,7 @@ class ClientJob:
     # The client's own memory between rounds: the method reads and updates it in
     # place, the app keeps it on the node. It is never sent.
     state: TensorDict = field(default_factory=dict)
+    dp_sgd: DPSGD | None = None  # sample-level DP: train with DP-SGD
 
 
 @dataclass(frozen=True)
@@ -103,8 +109,14 @@ class Method(ABC):
         """What ``client`` receives at the start of a round (may differ per client)."""
 
     @abstractmethod
-    def server_aggregate(self, updates: list[ClientUpdate]) -> None:
-        """Fold one round's updates (sorted by client name) into the global state."""
+    def server_aggregate(self, updates: list[ClientUpdate], noise: Noise | None = None) -> None:
+        """Fold one round's updates (sorted by client name) into the global state;
+        under client-level DP, add ``noise`` to every sum of updates it releases."""
+
+    def released_alone(self, name: str) -> bool:
+        """Whether tensor ``name`` of each client is released on its own rather than
+        in a sum over clients, so that its DP noise cannot be shared (FLoRA's factors)."""
+        return False
 
     def uplink_template(self, client: str) -> TensorDict:
         """Tensors with the names, shapes and dtypes ``client`` must send (values

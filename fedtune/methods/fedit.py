@@ -13,12 +13,13 @@ from fedtune.methods.base import ClientJob, ClientUpdate, LocalResult, Method
 from fedtune.methods.lora import (
     load_trainable_state,
     save_adapter,
+    train_adapter,
     trainable_state,
     weighted_average,
     wrap_with_lora,
 )
 from fedtune.models import Classifier
-from fedtune.training import train_steps
+from fedtune.privacy.mechanism import Noise
 from fedtune.wire import TensorDict
 
 
@@ -37,8 +38,8 @@ class FedIT(Method):
     def server_downlink(self, client: str) -> TensorDict:
         return self.global_tensors
 
-    def server_aggregate(self, updates: list[ClientUpdate]) -> None:
-        self.global_tensors = weighted_average(updates)
+    def server_aggregate(self, updates: list[ClientUpdate], noise: Noise | None = None) -> None:
+        self.global_tensors = weighted_average(updates, noise)
         load_trainable_state(self.model, self.global_tensors)
 
     def server_model(self) -> PeftModel:
@@ -50,7 +51,4 @@ class FedIT(Method):
     def client_train(self, classifier: Classifier, downlink: TensorDict, job: ClientJob) -> LocalResult:
         model = self.wrap(classifier, job.seed)
         load_trainable_state(model, downlink)
-        t = self.config.train
-        loss = train_steps(model, classifier, job.data, t.local_steps, t.batch_size, t.lr, t.weight_decay, job.seed)
-        # FedAvg weights by local dataset size, not by examples processed.
-        return LocalResult(trainable_state(model), len(job.data), {"train_loss": loss})
+        return train_adapter(model, classifier, job, self.config.train)

@@ -36,6 +36,7 @@ from fedtune.methods.base import ClientJob, ClientUpdate, LocalResult, Method
 from fedtune.methods.lora import lora_layers, temporarily_wrapped
 from fedtune.methods.replay import RoundLog, catch_up
 from fedtune.models import Classifier, export_info
+from fedtune.privacy.mechanism import Noise
 from fedtune.task import derive_seed
 from fedtune.training import batch_order
 from fedtune.wire import TensorDict
@@ -50,6 +51,16 @@ class FedKSeed(Method):
 
     def __init__(self, config) -> None:
         super().__init__(config)
+        p = config.privacy
+        if p.mode == "sample":
+            raise FedtuneError("privacy.mode 'sample' is DP-SGD, which needs gradients; FedKSeed takes none: use privacy.mode 'client'")
+        if p.mode == "client" and p.noise_on == "clients":
+            raise FedtuneError(
+                "FedKSeed takes privacy.noise_on 'server' only: client shares would have to cover all "
+                "fedkseed.num_seeds sums, making uplinks and replays dense"
+            )
+        if p.mode != "none" and config.fedkseed.pro:
+            raise FedtuneError("fedkseed.pro cannot run under privacy: its seed probabilities come from each client's raw scalars")
         self.k = config.fedkseed.num_seeds
         self.seeds = [derive_seed(config.run.seed, 0x5EED, j) for j in range(self.k)]
 
@@ -102,15 +113,20 @@ class FedKSeed(Method):
             return str(exc)
         return None if update.num_examples >= 1 else "num_examples is 0"
 
-    def server_aggregate(self, updates: list[ClientUpdate]) -> None:
+    def server_aggregate(self, updates: list[ClientUpdate], noise: Noise | None = None) -> None:
         total = sum(u.num_examples for u in updates)
-        delta = torch.zeros(self.k)
+        delta, used = torch.zeros(self.k), torch.zeros(self.k, dtype=torch.bool)
         for u in updates:
             seeds, scalars = self.uplink_pairs(u.tensors)
             delta += (u.num_examples / total) * per_seed_sums(seeds, scalars, self.k)
+            used[seeds] = True
             clipped = scalars.double().clamp(-AMPLITUDE_CLIP, AMPLITUDE_CLIP).abs()
             self.amplitude_sum.index_add_(0, seeds, clipped)
             self.amplitude_count.index_add_(0, seeds, torch.ones_like(clipped))
+        if noise is not None:
+            # Which seeds were drawn depends on no data (seeded draws), so the
+            # released sums are those of the seeds some client used.
+            delta[used] += noise.sample((int(used.sum()),), max(u.num_examples for u in updates) / total)
         self.apply(self.tuned_params, delta)
         self.log.append(self.encode_scalars(delta), (u.client for u in updates))
 
@@ -195,6 +211,10 @@ class FedKSeed(Method):
             scalars.append(g)
             losses.append(loss)
         seeds, values = torch.from_numpy(draws.astype(np.int32)), torch.tensor(scalars, dtype=torch.float32)
+        if self.config.privacy.mode == "client":
+            # The update is the vector of per-seed sums: scaling every step's scalar scales it.
+            norm = float(per_seed_sums(seeds.long(), values, self.k).norm())
+            values *= min(1.0, self.config.privacy.clip / norm) if norm > 0 else 1.0
         if self.config.fedkseed.encoding == "paper":
             up = {"seeds": seeds, "scalars": values}
         else:

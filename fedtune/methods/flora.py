@@ -26,14 +26,15 @@ from fedtune.methods.lora import (
     export_as_lora,
     lora_layers,
     temporarily_wrapped,
+    train_adapter,
     trainable_state,
     weighted_average,
     wrap_with_lora,
 )
 from fedtune.methods.replay import RoundLog, catch_up
 from fedtune.models import Classifier
+from fedtune.privacy.mechanism import Noise
 from fedtune.task import partition_id_of
-from fedtune.training import train_steps
 from fedtune.wire import TensorDict
 
 HEAD = "head/"
@@ -71,20 +72,28 @@ class FLoRA(Method):
             template[f"{PREFIX}{path}.lora_B.default.weight"] = torch.zeros(base.out_features, r)
         return template
 
-    def server_aggregate(self, updates: list[ClientUpdate]) -> None:
+    def released_alone(self, name: str) -> bool:
+        return "lora_" in name  # each client's factors are stacked, not summed
+
+    def server_aggregate(self, updates: list[ClientUpdate], noise: Noise | None = None) -> None:
         total = sum(u.num_examples for u in updates)
+
+        def factor(u: ClientUpdate, name: str) -> torch.Tensor:
+            value = u.dense(name)
+            return value if noise is None else value + noise.sample(value.shape)
+
         factors = {}
         with torch.no_grad():
             for path in self.targets:
                 a = torch.cat([
                     (u.num_examples / total) * (self.config.lora.alpha / self.rank(u.client))
-                    * u.dense(f"{PREFIX}{path}.lora_A.default.weight")
+                    * factor(u, f"{PREFIX}{path}.lora_A.default.weight")
                     for u in updates
                 ])
-                b = torch.cat([u.dense(f"{PREFIX}{path}.lora_B.default.weight") for u in updates], dim=1)
+                b = torch.cat([factor(u, f"{PREFIX}{path}.lora_B.default.weight") for u in updates], dim=1)
                 factors[f"{path}.A"], factors[f"{path}.B"] = a, b
             _merge(self.params, factors)
-            for name, value in weighted_average([_head_only(u, self.head_names) for u in updates]).items():
+            for name, value in weighted_average([_head_only(u, self.head_names) for u in updates], noise).items():
                 self.params[_plain(name)].copy_(value)
         self.log.append(factors, (u.client for u in updates))
 
@@ -112,9 +121,7 @@ class FLoRA(Method):
 
         lora = dataclasses.replace(self.config.lora, rank=self.rank(job.client))
         model = wrap_with_lora(classifier, lora, job.seed)
-        t = self.config.train
-        loss = train_steps(model, classifier, job.data, t.local_steps, t.batch_size, t.lr, t.weight_decay, job.seed)
-        return LocalResult(trainable_state(model), len(job.data), {"train_loss": loss})
+        return train_adapter(model, classifier, job, self.config.train)
 
 
 def _merge(params: dict[str, nn.Parameter], factors: TensorDict) -> list[str]:

@@ -15,11 +15,13 @@ from peft.tuners.lora import LoraLayer
 from peft.utils.error import NoMatchingPeftModuleError
 
 from fedtune.codecs.delta import has_reference
-from fedtune.config import LoraSection, RunConfig
+from fedtune.config import LoraSection, RunConfig, TrainSection
 from fedtune.errors import FedtuneError
-from fedtune.methods.base import ClientUpdate
+from fedtune.methods.base import ClientJob, ClientUpdate, LocalResult
 from fedtune.models import Classifier, export_info
+from fedtune.privacy.mechanism import Noise
 from fedtune.task import load_model
+from fedtune.training import train_steps
 from fedtune.wire import TensorDict
 
 PREFIX = "base_model.model."  # where PeftModel puts the wrapped model's names
@@ -51,6 +53,15 @@ def wrap_with_lora(classifier: Classifier, cfg: LoraSection, seed: int) -> PeftM
         ) from None
 
 
+def train_adapter(model: PeftModel, classifier: Classifier, job: ClientJob, t: TrainSection) -> LocalResult:
+    """Local training of ``model``'s trainable tensors, by DP-SGD if the job says
+    so; the result also holds where they started, against which DP clips."""
+    start = trainable_state(model)
+    loss = train_steps(model, classifier, job.data, t.local_steps, t.batch_size, t.lr, t.weight_decay, job.seed, dp=job.dp_sgd)
+    # FedAvg weights by local dataset size, not by examples processed.
+    return LocalResult(trainable_state(model), len(job.data), {"train_loss": loss}, start)
+
+
 def trainable_state(model: torch.nn.Module) -> TensorDict:
     """Copies of the trainable tensors, keyed by parameter name."""
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -67,11 +78,13 @@ def load_trainable_state(model: torch.nn.Module, tensors: TensorDict) -> None:
             p.copy_(tensors[name])
 
 
-def weighted_average(updates: list[ClientUpdate]) -> TensorDict:
+def weighted_average(updates: list[ClientUpdate], noise: Noise | None = None) -> TensorDict:
     """FedAvg: sum_k (n_k / n) * x_k for every tensor name, in a fixed client order.
     Changes against a reference (lossy codecs) are added as they come, sparse ones
-    straight into the one dense accumulator: no client's update is densified."""
+    straight into the one dense accumulator: no client's update is densified.
+    ``noise`` is scaled like the sum it covers: by the largest client weight."""
     total = sum(u.num_examples for u in updates)
+    largest_weight = max(u.num_examples for u in updates) / total
     average = {}
     for name in updates[0].tensors:
         acc = torch.zeros(updates[0].tensors[name].shape)
@@ -80,6 +93,8 @@ def weighted_average(updates: list[ClientUpdate]) -> TensorDict:
             acc.add_(u.tensors[name], alpha=weight)
             if has_reference(name, u.tensors[name], u.reference):
                 acc.add_(u.reference[name], alpha=weight)
+        if noise is not None:
+            acc.add_(noise.sample(acc.shape, largest_weight))
         average[name] = acc
     return average
 

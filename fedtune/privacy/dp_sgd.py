@@ -1,0 +1,54 @@
+"""Sample-level DP: DP-SGD with Opacus inside a client's local training.
+
+Opacus computes per-example gradients of the trainable (adapter) parameters,
+clips each to ``clip`` and adds Gaussian noise of std noise_multiplier * clip to
+their sum. Batches are Poisson samples (each example independently, with rate
+batch_size / n), which is what the accountant's subsampling analysis assumes.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from opacus import GradSampleModule
+from opacus.optimizers import DPOptimizer
+from torch import nn
+
+
+# Opacus' hooks on layers whose input needs no gradient (the first adapters, fed
+# by frozen embeddings) make torch warn; the hooks use the saved input and the
+# output's gradient, both there (tests/test_privacy.py checks the steps).
+warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect to module outputs")
+
+
+@dataclass(frozen=True)
+class DPSGD:
+    noise_multiplier: float
+    clip: float
+
+
+def poisson_batches(num_examples: int, steps: int, batch_size: int, seed: int) -> list[np.ndarray]:
+    """Indices of ``steps`` Poisson-sampled batches of expected size ``batch_size``."""
+    rng = np.random.default_rng(seed)
+    rate = min(1.0, batch_size / num_examples)
+    return [np.flatnonzero(rng.random(num_examples) < rate) for _ in range(steps)]
+
+
+def make_private(
+    model: nn.Module, optimizer: torch.optim.Optimizer, dp: DPSGD, batch_size: int, seed: int
+) -> tuple[GradSampleModule, DPOptimizer]:
+    """``model`` with per-example gradient hooks, and ``optimizer`` clipping and
+    noising them (noise seeded, so that runs are reproducible)."""
+    module = GradSampleModule(model, loss_reduction="mean", strict=False)
+    private = DPOptimizer(
+        optimizer,
+        noise_multiplier=dp.noise_multiplier,
+        max_grad_norm=dp.clip,
+        expected_batch_size=batch_size,
+        loss_reduction="mean",
+        generator=torch.Generator().manual_seed(seed),
+    )
+    return module, private
