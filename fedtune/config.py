@@ -130,6 +130,20 @@ class PrivacySection:
 
 
 @dataclass(frozen=True)
+class HardwareSection:
+    # Device profiles, a TOML file; empty: the built-in catalogue (fedtune/hardware/devices.toml).
+    catalogue: str = ""
+    # Client devices as shares of the fleet, e.g. {phone = 0.5, laptop = 0.5}, or
+    # one profile per client in partition order. Both empty: hardware not modelled.
+    mix: dict[str, float] = field(default_factory=dict)
+    devices: list[str] = field(default_factory=list)
+    deadline_s: float = 0.0  # simulated seconds a round may take; 0: wait for the slowest
+    stragglers: str = "drop"  # past the deadline: "drop" the update, or keep the "partial" work done by then
+    plan_ranks: bool = False  # FLoRA: each client the largest lora.rank_choices rank that fits its memory
+    rank_choices: list[int] = field(default_factory=lambda: [64, 32, 16, 8, 4, 2])
+
+
+@dataclass(frozen=True)
 class SimulationSection:
     cpus_per_client: int = 1
     max_parallel_clients: int = 0  # 0 = as many as the machine's cores allow
@@ -148,6 +162,7 @@ class RunConfig:
     fedkseed: FedKSeedSection = field(default_factory=FedKSeedSection)
     compression: CompressionSection = field(default_factory=CompressionSection)
     privacy: PrivacySection = field(default_factory=PrivacySection)
+    hardware: HardwareSection = field(default_factory=HardwareSection)
     simulation: SimulationSection = field(default_factory=SimulationSection)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -203,6 +218,12 @@ def _build_section(section: str, cls: type, values: dict[str, Any]) -> Any:
 def _check_type(key: str, expected: Any, value: Any) -> Any:
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if typing.get_origin(expected) is dict:
+        _, value_type = typing.get_args(expected)
+        numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in value.values()) if isinstance(value, dict) else False
+        if not numbers:
+            raise FedtuneError(f"config key {key} must be a table of numbers, e.g. {{phone = 0.5, laptop = 0.5}}")
+        return {k: value_type(v) for k, v in value.items()}
     if typing.get_origin(expected) is list:
         (item_type,) = typing.get_args(expected)
         if not isinstance(value, list) or not all(isinstance(v, item_type) for v in value):
@@ -298,6 +319,32 @@ def validate(c: RunConfig) -> None:
         "all, can send more than the clipped update the noise is calibrated to; use noise_on 'clients')",
         c.compression.up,
     )
+    h = c.hardware
+    _require(not (h.mix and h.devices), "hardware.mix", "empty when hardware.devices is set", h.mix)
+    _require(all(v >= 0 for v in h.mix.values()), "hardware.mix", "shares >= 0", h.mix)
+    _require(not h.mix or abs(sum(h.mix.values()) - 1) < 1e-6, "hardware.mix", "shares summing to 1", h.mix)
+    _require(
+        not h.devices or len(h.devices) == c.partition.num_clients,
+        "hardware.devices",
+        f"empty or one profile per client (partition.num_clients={c.partition.num_clients})",
+        h.devices,
+    )
+    _require(h.deadline_s >= 0, "hardware.deadline_s", ">= 0 (0 = no deadline)", h.deadline_s)
+    _require(h.stragglers in ("drop", "partial"), "hardware.stragglers", "'drop' or 'partial'", h.stragglers)
+    _require(h.rank_choices and all(r >= 1 for r in h.rank_choices), "hardware.rank_choices", "ranks >= 1", h.rank_choices)
+    _require(
+        not h.plan_ranks or (c.federation.method == "flora" and (h.mix or h.devices) and not c.lora.client_ranks),
+        "hardware.plan_ranks",
+        "false unless federation.method is 'flora' (the one method with a rank per client), hardware.mix or "
+        "hardware.devices is set, and lora.client_ranks is empty",
+        h.plan_ranks,
+    )
+    if h.mix or h.devices:
+        from fedtune.hardware.profiles import load_catalogue  # here, not at the top: it imports this module
+
+        known = load_catalogue(h.catalogue)
+        unknown = sorted((set(h.mix) | set(h.devices)) - known.keys())
+        _require(not unknown, "hardware.mix" if h.mix else "hardware.devices", f"names of profiles in the catalogue ({', '.join(known)})", unknown)
     _require(
         c.simulation.cpus_per_client >= 1, "simulation.cpus_per_client", ">= 1", c.simulation.cpus_per_client
     )

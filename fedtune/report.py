@@ -30,11 +30,17 @@ def create_run_dir(config: RunConfig) -> Path:
 
 
 def to_toml(sections: dict[str, dict[str, Any]]) -> str:
-    # JSON literals of str, int, float, bool and lists of them are valid TOML values.
+    # JSON literals of str, int, float, bool and lists of them are valid TOML
+    # values; a table of them is written inline.
+    def literal(value: Any) -> str:
+        if isinstance(value, dict):
+            return "{" + ", ".join(f"{json.dumps(k)} = {json.dumps(v)}" for k, v in value.items()) + "}"
+        return json.dumps(value)
+
     lines = []
     for name, values in sections.items():
         lines.append(f"[{name}]")
-        lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
+        lines += [f"{key} = {literal(value)}" for key, value in values.items()]
         lines.append("")
     return "\n".join(lines)
 

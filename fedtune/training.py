@@ -16,6 +16,17 @@ from fedtune.privacy.dp_sgd import DPSGD, make_private, poisson_batches
 
 
 @dataclass(frozen=True)
+class TrainStats:
+    loss: float  # mean over the steps
+    steps: int
+    tokens: int  # token positions processed, padding included: the work done
+    sequences: int  # examples processed
+
+    def metrics(self) -> dict[str, float]:
+        return {"train_loss": self.loss, "steps": self.steps, "tokens": self.tokens, "sequences": self.sequences}
+
+
+@dataclass(frozen=True)
 class EvalResult:
     accuracy: float
     loss: float
@@ -41,9 +52,9 @@ def train_steps(
     seed: int,
     progress: bool = False,
     dp: DPSGD | None = None,
-) -> float:
-    """Run ``steps`` AdamW steps on the trainable parameters; returns the mean loss.
-    With ``dp``, the steps are DP-SGD steps on Poisson-sampled batches.
+) -> TrainStats:
+    """Run ``steps`` AdamW steps on the trainable parameters. With ``dp``, the
+    steps are DP-SGD steps on Poisson-sampled batches.
 
     The optimizer is fresh every call: local optimizer state does not survive a
     round, as in FedAvg-style methods."""
@@ -55,11 +66,12 @@ def train_steps(
         forward, optimizer = make_private(model, optimizer, dp, batch_size, seed)
         batches = poisson_batches(len(data), steps, batch_size, seed)
     model.train()
-    losses = []
+    losses, tokens, sequences = [], 0, 0
     for idx in tqdm(batches, desc="steps", leave=False, disable=not progress):
         if not len(idx):  # an empty Poisson sample: nothing to learn, nothing released
             continue
         batch = classifier.encode([data.texts[i] for i in idx])
+        tokens, sequences = tokens + batch["input_ids"].numel(), sequences + len(idx)
         logits = forward(**batch).logits
         loss = F.cross_entropy(logits, torch.as_tensor(data.labels[idx]))
         optimizer.zero_grad(set_to_none=True)
@@ -69,7 +81,7 @@ def train_steps(
     if dp is not None:
         forward.remove_hooks()
     model.eval()
-    return float(np.mean(losses)) if losses else float("nan")
+    return TrainStats(float(np.mean(losses)) if losses else float("nan"), len(losses), tokens, sequences)
 
 
 @torch.no_grad()

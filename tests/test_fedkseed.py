@@ -160,10 +160,15 @@ def test_malformed_uplinks_are_rejected(tmp_path):
     paper = _server(_config(tmp_path, encoding="paper"))
     ok = {"seeds": torch.arange(5, dtype=torch.int32), "scalars": torch.ones(5)}
     assert paper.server_check(ClientUpdate("client-0", ok, 40)) is None
+    partial = {"seeds": ok["seeds"][:2], "scalars": ok["scalars"][:2]}  # a straggler's first steps
+    assert paper.server_check(ClientUpdate("client-0", partial, 40)) is None
     cases = {
         "seed index out of range [0, 64)": {**ok, "seeds": torch.tensor([0, 1, 2, 3, 64], dtype=torch.int32)},
         "non-finite scalar": {**ok, "scalars": torch.tensor([1.0, float("nan"), 1, 1, 1])},
-        "expected 5 int32 seeds and 5 float32 scalars, got (4,) and (4,)": {"seeds": ok["seeds"][:4], "scalars": ok["scalars"][:4]},
+        "expected 1 to 5 int32 seeds and as many float32 scalars, got (6,) and (6,)": {
+            "seeds": torch.arange(6, dtype=torch.int32), "scalars": torch.ones(6)
+        },
+        "expected 1 to 5 int32 seeds and as many float32 scalars, got (4,) and (5,)": {**ok, "seeds": ok["seeds"][:4]},
         "expected tensors seeds and scalars": {"seeds": ok["seeds"]},
     }
     for reason, tensors in cases.items():

@@ -20,7 +20,9 @@ def test_training_fits_a_small_set(config):
     classifier = load_model(config)
     model = wrap_with_lora(classifier, config.lora, seed=0)
     before = evaluate(model, classifier, few, batch_size=8)
-    train_steps(model, classifier, few, steps=30, batch_size=8, lr=3e-3, weight_decay=0.0, seed=0)
+    stats = train_steps(model, classifier, few, steps=30, batch_size=8, lr=3e-3, weight_decay=0.0, seed=0)
     after = evaluate(model, classifier, few, batch_size=8)
+    batches = [classifier.encode([few.texts[i] for i in idx]) for idx in batch_order(16, 30, 8, 0)]
+    assert stats.tokens == sum(b["input_ids"].numel() for b in batches) and stats.sequences == 240
     assert after.loss < before.loss * 0.5
     assert after.accuracy == 1.0

@@ -67,7 +67,8 @@ def train(msg: Message, context: Context) -> Message:
     client, data = client_name(pid), client_data(config, pid)
     budget = Budget(config, {client: len(data)}) if config.privacy.mode != "none" else None
     dp_sgd = _dp_sgd(config, context, budget, client) if config.privacy.mode == "sample" else None
-    job = ClientJob(client, data, seed, state, dp_sgd)
+    steps = int(msg.content[RECORD].get("local_steps", 0))
+    job = ClientJob(client, data, seed, state, dp_sgd, steps)
     classifier = load_model(config)
     started = time.perf_counter()
     result = method.client_train(classifier, down.tensors, job)

@@ -27,6 +27,7 @@ from fedtune.data import majority_class_accuracy
 from fedtune.errors import FedtuneError
 from fedtune.ledger import Ledger, Transfer, content_bytes
 from fedtune.methods import ClientUpdate, Method, get_method
+from fedtune.hardware.fleet import Fleet
 from fedtune.partition import partition_summary
 from fedtune.privacy.accounting import Budget
 from fedtune.privacy.mechanism import Noise
@@ -41,9 +42,16 @@ ADAPTER = "adapter"  # the exported global model, inside the run directory
 def serve(grid: Grid, config: RunConfig, run_dir: Path) -> dict:
     """Run the whole federated job; returns the summary also written to summary.json."""
     started = time.perf_counter()
-    method = get_method(config)
     train, test = load_splits(config)
     classifier = load_model(config)
+    fleet = None
+    if config.hardware.mix or config.hardware.devices:
+        fleet = Fleet(config, classifier)
+        config = fleet.planned(config)  # before enrollment: the clients train the planned ranks
+        print(fleet.describe(), flush=True)
+        for client, reason in sorted(fleet.excluded().items()):
+            log.warning("%s excluded: %s", client, reason)
+    method = get_method(config)
     method.server_init(classifier)
     nodes, sizes = _enroll(grid, config, train.label_names)
     budget = Budget(config, sizes) if config.privacy.mode != "none" else None
@@ -66,12 +74,17 @@ def serve(grid: Grid, config: RunConfig, run_dir: Path) -> dict:
     bar = tqdm(total=config.run.rounds * per_round, desc="client rounds", unit="client", leave=False)
     stopped = ""
     for rnd in range(1, config.run.rounds + 1):
-        sampled = _sample_clients(sorted(nodes), per_round, config.run.seed, rnd)
+        candidates = fleet.participants(rnd) if fleet else sorted(nodes)
+        sampled = _sample_clients(candidates, per_round, config.run.seed, rnd)
         if budget and (stopped := budget.overspending(sampled)):
             stopped = f"stopped before round {rnd} to stay within the privacy budget: {stopped}"
             tqdm.write(stopped)
             break
-        updates, train_metrics = _train_round(grid, config, method, rnd, {c: nodes[c] for c in sampled}, ledger, bar)
+        updates, train_metrics = _train_round(grid, config, method, rnd, {c: nodes[c] for c in sampled}, ledger, bar, fleet)
+        if not updates and fleet:  # nobody available, or every device failed or straggled: a lost round
+            tqdm.write(f"round {rnd}: no update survived the simulated hardware; the model is unchanged")
+            evaluate_and_record(rnd, train_metrics)
+            continue
         if not updates:
             raise FedtuneError(f"round {rnd}: no client returned an update (see the warnings above); "
                                f"finished rounds are in {run_dir}")
@@ -152,15 +165,23 @@ def _train_round(
     clients: dict[str, int],
     ledger: Ledger,
     bar: tqdm,
+    fleet: Fleet | None = None,
 ) -> tuple[list[ClientUpdate], dict[str, float]]:
     chain_down = parse_chain(config.compression.down, "compression.down")
     chain_up = parse_chain(config.compression.up, "compression.up")
-    messages, name_of = [], {}
+    messages, name_of, down_bytes, times = [], {}, {}, {}
     for client, node_id in clients.items():
         generator = torch.Generator().manual_seed(derive_seed(config.run.seed, rnd, partition_id_of(client)))
         payload = wire.encode(wire.Payload(method.name, rnd, client, method.server_downlink(client)), chain_down, generator)
-        content = RecordDict({RECORD: ConfigRecord({"payload": payload, "round": rnd})})
-        ledger.record(Transfer(rnd, client, "down", len(payload), content_bytes(content)))
+        record = {"payload": payload, "round": rnd}
+        if fleet and (steps := fleet.steps_within_deadline(client, len(payload))) < config.train.local_steps:
+            if not steps:
+                log.warning("round %d: %s skipped: not one local step fits before the deadline (simulated)", rnd, client)
+                continue
+            record["local_steps"] = steps  # a partial straggler: what fits before the deadline
+        content = RecordDict({RECORD: ConfigRecord(record)})
+        down_bytes[client] = content_bytes(content)
+        ledger.record(Transfer(rnd, client, "down", len(payload), down_bytes[client]))
         messages.append(Message(content, dst_node_id=node_id, message_type=MessageType.TRAIN, group_id=str(rnd)))
         name_of[node_id] = client
 
@@ -174,18 +195,25 @@ def _train_round(
             log.warning("round %d: %s dropped: %s", rnd, client, reply.error.reason)
             continue
         data = reply.content[RECORD]["payload"]
-        ledger.record(Transfer(rnd, client, "up", len(data), content_bytes(reply.content)))
+        up_bytes = content_bytes(reply.content)
+        ledger.record(Transfer(rnd, client, "up", len(data), up_bytes))
         update, reason = check_uplink(method, chain_up, rnd, client, data)
         if reason:
             log.warning("round %d: %s dropped: %s", rnd, client, reason)
             continue
-        updates.append(update)
         metrics = reply.content["metrics"]
+        if fleet:
+            times[client] = fleet.client_time(client, down_bytes[client], up_bytes, metrics)
+        updates.append(update)
         losses.append(float(metrics["train_loss"]))
         train_times.append(float(metrics["train_time_s"]))
+    hardware = {}
+    if fleet:
+        kept, hardware = fleet.settle(rnd, times)
+        updates = [u for u in updates if u.client in kept]
     if not losses:
-        return updates, {}
-    return updates, {
+        return updates, hardware
+    return updates, hardware | {
         "aggregated": len(updates),  # "clients" in the row counts every uplink, rejected ones too
         "train_loss": float(np.mean(losses)),
         # Wall time of the training phase against the clients' own training time:

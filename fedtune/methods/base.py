@@ -51,6 +51,7 @@ class ClientJob:
     # place, the app keeps it on the node. It is never sent.
     state: TensorDict = field(default_factory=dict)
     dp_sgd: DPSGD | None = None  # sample-level DP: train with DP-SGD
+    local_steps: int = 0  # > 0: fewer steps than train.local_steps (a partial straggler's share)
 
 
 @dataclass(frozen=True)

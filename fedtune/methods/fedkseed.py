@@ -38,7 +38,7 @@ from fedtune.methods.replay import RoundLog, catch_up
 from fedtune.models import Classifier, export_info
 from fedtune.privacy.mechanism import Noise
 from fedtune.task import derive_seed
-from fedtune.training import batch_order
+from fedtune.training import TrainStats, batch_order
 from fedtune.wire import TensorDict
 
 PROBS = "probs"
@@ -181,9 +181,9 @@ class FedKSeed(Method):
         if tensors.keys() != {"seeds", "scalars"}:
             raise ValueError(f"expected tensors seeds and scalars, got {sorted(tensors)}")
         seeds, scalars = tensors["seeds"], tensors["scalars"]
-        steps = self.config.train.local_steps
-        if seeds.dtype != torch.int32 or scalars.dtype != torch.float32 or {seeds.shape, scalars.shape} != {(steps,)}:
-            raise ValueError(f"expected {steps} int32 seeds and {steps} float32 scalars, got {tuple(seeds.shape)} and {tuple(scalars.shape)}")
+        steps = self.config.train.local_steps  # at most: a partial straggler sends fewer
+        if seeds.dtype != torch.int32 or scalars.dtype != torch.float32 or seeds.shape != scalars.shape or not 1 <= len(seeds) <= steps:
+            raise ValueError(f"expected 1 to {steps} int32 seeds and as many float32 scalars, got {tuple(seeds.shape)} and {tuple(scalars.shape)}")
         if seeds.numel() and (seeds.min() < 0 or seeds.max() >= self.k):
             raise ValueError(f"seed index out of range [0, {self.k})")
         if not torch.isfinite(scalars).all():
@@ -199,11 +199,13 @@ class FedKSeed(Method):
             probs = torch.softmax(downlink[PROBS].double() / 255, 0).numpy()
         t, eps = self.config.train, self.config.fedkseed.eps
         rng = np.random.default_rng(job.seed)
-        draws = rng.choice(self.k, size=t.local_steps, p=probs)
+        steps = job.local_steps or t.local_steps
+        draws = rng.choice(self.k, size=steps, p=probs)
         model = classifier.model.eval()  # no dropout: both forward passes see the same function
-        scalars, losses = [], []
-        for j, idx in zip(draws, batch_order(len(job.data), t.local_steps, t.batch_size, job.seed)):
+        scalars, losses, tokens, sequences = [], [], 0, 0
+        for j, idx in zip(draws, batch_order(len(job.data), steps, t.batch_size, job.seed)):
             batch = classifier.encode([job.data.texts[i] for i in idx])
+            tokens, sequences = tokens + batch["input_ids"].numel(), sequences + len(idx)
             labels = torch.as_tensor(job.data.labels[idx])
             g, loss = zo.spsa_step(
                 lambda: F.cross_entropy(model(**batch).logits, labels).item(), tuned, self.seeds[j], eps, t.lr
@@ -219,7 +221,7 @@ class FedKSeed(Method):
             up = {"seeds": seeds, "scalars": values}
         else:
             up = self.encode_scalars(per_seed_sums(seeds.long(), values, self.k))
-        return LocalResult(up, len(job.data), {"train_loss": float(np.mean(losses))})
+        return LocalResult(up, len(job.data), TrainStats(float(np.mean(losses)), len(losses), tokens, sequences).metrics())
 
 
 def per_seed_sums(seeds: torch.Tensor, scalars: torch.Tensor, k: int) -> torch.Tensor:

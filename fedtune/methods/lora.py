@@ -57,9 +57,9 @@ def train_adapter(model: PeftModel, classifier: Classifier, job: ClientJob, t: T
     """Local training of ``model``'s trainable tensors, by DP-SGD if the job says
     so; the result also holds where they started, against which DP clips."""
     start = trainable_state(model)
-    loss = train_steps(model, classifier, job.data, t.local_steps, t.batch_size, t.lr, t.weight_decay, job.seed, dp=job.dp_sgd)
+    stats = train_steps(model, classifier, job.data, job.local_steps or t.local_steps, t.batch_size, t.lr, t.weight_decay, job.seed, dp=job.dp_sgd)
     # FedAvg weights by local dataset size, not by examples processed.
-    return LocalResult(trainable_state(model), len(job.data), {"train_loss": loss}, start)
+    return LocalResult(trainable_state(model), len(job.data), stats.metrics(), start)
 
 
 def trainable_state(model: torch.nn.Module) -> TensorDict:
