@@ -26,6 +26,8 @@ class RunSection:
     output_dir: str = "runs"
     # Also train the same model on the pooled data with as many examples processed.
     centralized_baseline: bool = False
+    # Held-out accuracy whose first round, bytes and simulated time the summary reports; 0: none.
+    target_accuracy: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -256,6 +258,7 @@ def _require(ok: bool, key: str, rule: str, value: Any) -> None:
 def validate(c: RunConfig) -> None:
     """Range checks that types alone cannot express. Method names are checked by the registry."""
     _require(c.run.rounds >= 1, "run.rounds", ">= 1", c.run.rounds)
+    _require(0 <= c.run.target_accuracy <= 1, "run.target_accuracy", "in [0, 1] (0 = none)", c.run.target_accuracy)
     _require(c.model.max_length >= 8, "model.max_length", ">= 8", c.model.max_length)
     _require(c.data.test_size >= 1, "data.test_size", ">= 1", c.data.test_size)
     _require(c.data.train_size >= 0, "data.train_size", ">= 0 (0 = all)", c.data.train_size)

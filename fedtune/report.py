@@ -101,7 +101,35 @@ def summarize(config: RunConfig, rows: list[dict], ledger: Ledger, baselines: di
         "message_bytes_up": ledger.total("up", field="message_bytes"),
         "client_rounds": client_rounds,
         "wall_time_s": round(wall, 1),
-    } | _privacy(config, rows)
+    } | _privacy(config, rows) | _hardware(rows) | _target(config, rows)
+
+
+def _hardware(rows: list[dict]) -> dict:
+    if "sim_time_s" not in rows[-1]:
+        return {}
+    classes = sorted({k.removeprefix("took_part_") for r in rows for k in r if k.startswith("took_part_")})
+    return {
+        "sim_time_s": rows[-1]["sim_time_s"],
+        "client_rounds_by_device": {c: sum(r.get(f"took_part_{c}", 0) for r in rows) for c in classes},
+        "failed": sum(r.get("failed", 0) for r in rows),
+        "stragglers": sum(r.get("stragglers", 0) for r in rows),
+    }
+
+
+def _target(config: RunConfig, rows: list[dict]) -> dict:
+    """The first round at the target accuracy, with the bytes and simulated time spent by then."""
+    target = config.run.target_accuracy
+    if not target:
+        return {}
+    hit = next((r for r in rows[1:] if r["accuracy"] >= target), None)
+    if hit is None:
+        return {"target_accuracy": target, "rounds_to_target": None}
+    return {
+        "target_accuracy": target,
+        "rounds_to_target": hit["round"],
+        "bytes_to_target": hit["cum_bytes_down"] + hit["cum_bytes_up"],
+        **({"sim_time_to_target_s": hit["sim_time_s"]} if "sim_time_s" in hit else {}),
+    }
 
 
 def _privacy(config: RunConfig, rows: list[dict]) -> dict:
@@ -153,6 +181,16 @@ def summary_table(summary: dict) -> str:
         rows.append((f"{summary['privacy']}-level DP", f"epsilon {summary['epsilon']:.2f}, delta {summary['delta']:g}"))
     if "stopped" in summary:
         rows.append(("stopped", summary["stopped"]))
+    if "sim_time_s" in summary:
+        by_device = ", ".join(f"{d} {n}" for d, n in summary["client_rounds_by_device"].items())
+        rows.append(("simulated time", f"{summary['sim_time_s']:.1f} s ({summary['failed']} failed, {summary['stragglers']} stragglers)"))
+        rows.append(("client rounds by device", by_device))
+    if "rounds_to_target" in summary:
+        reached = summary["rounds_to_target"]
+        text = "not reached" if reached is None else f"round {reached}, {human_bytes(summary['bytes_to_target'])}"
+        if reached is not None and "sim_time_to_target_s" in summary:
+            text += f", {summary['sim_time_to_target_s']:.1f} s simulated"
+        rows.append((f"accuracy {summary['target_accuracy']:.2f}", text))
     rows += [
         ("bytes down / up", f"{human_bytes(summary['total_bytes_down'])} / {human_bytes(summary['total_bytes_up'])}"),
         ("per client-round down / up", f"{human_bytes(summary['bytes_per_client_round_down'])} / "

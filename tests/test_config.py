@@ -32,6 +32,8 @@ def test_int_accepted_for_float():
         ({"run": {"rounds": "3"}}, "run.rounds"),
         ({"run": {"rounds": True}}, "run.rounds"),
         ({"run": {"rounds": 0}}, "run.rounds"),
+        ({"run": {"target_accuracy": 1.5}}, "run.target_accuracy"),
+        ({"run": {"target_accuracy": -0.1}}, "run.target_accuracy"),
         ({"lora": {"rank": 0}}, "lora.rank"),
         ({"lora": {"rank": -2}}, "lora.rank"),
         ({"lora": {"dropout": 1.0}}, "lora.dropout"),

@@ -40,3 +40,26 @@ def test_rows_summary_and_plot_from_a_known_ledger(config, tmp_path):
 
 def test_human_bytes():
     assert [report.human_bytes(n) for n in (999, 1000, 1_858_357, 3e9)] == ["999 B", "1.00 KB", "1.86 MB", "3.00 GB"]
+
+
+def test_target_accuracy_and_simulated_hardware_in_the_summary(tmp_path):
+    from conftest import small_config
+
+    config = small_config(tmp_path, run={"target_accuracy": 0.58})
+    ledger = Ledger()
+    rows = [report.round_row(0, EvalResult(0.5, 0.7), ledger, 0.0, {})]
+    for rnd, acc, took_part in ((1, 0.55, (1, 0)), (2, 0.6, (1, 1)), (3, 0.62, (0, 1))):
+        ledger.record(Transfer(rnd, "client-0", "down", 1000, 1000))
+        ledger.record(Transfer(rnd, "client-0", "up", 500, 500))
+        hardware = {"sim_time_s": 10.0 * rnd, "failed": rnd == 3, "stragglers": 0,
+                    "took_part_phone": took_part[0], "took_part_laptop": took_part[1]}
+        rows.append(report.round_row(rnd, EvalResult(acc, 0.6), ledger, 0.0, hardware))
+    summary = report.summarize(config, rows, ledger, {"majority_accuracy": 0.5, "zero_shot_accuracy": 0.5}, 1.0)
+    assert summary["rounds_to_target"] == 2 and summary["bytes_to_target"] == 3000
+    assert summary["sim_time_to_target_s"] == 20.0 and summary["sim_time_s"] == 30.0
+    assert summary["client_rounds_by_device"] == {"laptop": 2, "phone": 2} and summary["failed"] == 1
+    table = report.summary_table(summary)
+    assert "round 2, 3.00 KB, 20.0 s simulated" in table and "laptop 2, phone 2" in table
+
+    unreached = report.summarize(small_config(tmp_path, run={"target_accuracy": 0.9}), rows, ledger, {"majority_accuracy": 0.5, "zero_shot_accuracy": 0.5}, 1.0)
+    assert unreached["rounds_to_target"] is None and "not reached" in report.summary_table(unreached)
