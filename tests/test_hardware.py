@@ -1,14 +1,20 @@
 """The hardware model: profiles, time and memory arithmetic on hand-checked cases,
 the planner's choices at its edges, a reproducible schedule, and bad input."""
 
+import json
+
 import pytest
 
 from conftest import small_config
+from fedtune import report
 from fedtune.errors import FedtuneError
+from fedtune.hardware.fleet import Fleet
 from fedtune.hardware.cost import FRAMEWORK_BYTES, ModelShape, compute_seconds, peak_memory, transfer_seconds
 from fedtune.hardware.planner import plan_client
 from fedtune.hardware.profiles import DeviceProfile, assign_devices, load_catalogue
 from fedtune.hardware.schedule import ClientTime, available, failures, round_seconds
+from fedtune.simulation import run_simulation
+from fedtune.task import load_model
 
 # A 100M-parameter model with 20M embedding parameters, 10 layers of width 500, 5 heads.
 SHAPE = ModelShape(params=100_000_000, embedding_params=20_000_000, layers=10, hidden=500, heads=5)
@@ -45,8 +51,6 @@ def test_memory_by_hand():
 
 
 def test_model_shape_of_a_real_model(config):
-    from fedtune.task import load_model
-
     model = load_model(config).model
     shape = ModelShape.of(model)
     assert shape.params == sum(p.numel() for p in model.parameters())
@@ -172,3 +176,54 @@ def test_bad_profiles_are_one_line_errors(tmp_path, line, message):
         load_catalogue(str(path))
     with pytest.raises(FedtuneError, match=message):  # caught by the config check, before anything loads
         small_config(tmp_path, hardware={"catalogue": str(path), "mix": {"bad": 1.0}})
+
+
+# -- the fleet in a run ----------------------------------------------------------------
+
+CATALOGUE = """
+[slow]
+flops = 1e9
+memory = 8e9
+downlink = 100e6
+uplink = 100e6
+latency = 0.0
+availability = 1.0
+failure = 0.0
+
+[fast]
+flops = 1e13
+memory = 8e9
+downlink = 100e6
+uplink = 100e6
+latency = 0.0
+availability = 1.0
+failure = 0.0
+"""
+
+
+def _fleet_config(tmp_path, **hardware):
+    path = tmp_path / "devices.toml"
+    path.write_text(CATALOGUE)
+    return small_config(tmp_path, hardware={"catalogue": str(path), "devices": ["slow", "fast", "fast"], **hardware})
+
+
+def test_partial_stragglers_get_the_steps_that_fit(tmp_path):
+    fleet = Fleet(_fleet_config(tmp_path, deadline_s=20.0, stragglers="partial"), load_model(small_config(tmp_path)))
+    fleet.tokens_per_step["client-0"], fleet.sequence_length["client-0"] = 200, 50.0
+    per_step = 200 * fleet.shape.forward_flops_per_token(50.0) * 2 / 1e9
+    talk = 2 * 8 * 1_000_000 / 100e6
+    assert fleet.steps_within_deadline("client-0", 1_000_000) == min(3, int((20.0 - talk) // per_step))
+    assert fleet.steps_within_deadline("client-1", 1_000_000) == 3  # fast: the full round fits
+
+
+@pytest.mark.integration
+def test_a_deadline_drops_the_slow_device_every_round(tmp_path):
+    config = _fleet_config(tmp_path, deadline_s=5.0)
+    run_dir = report.create_run_dir(config)
+    summary = run_simulation(config, run_dir)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for row in rows[1:]:
+        # The slow device (1 GFLOP/s) needs well over 5 s for its steps: dropped; the round lasts the deadline.
+        assert (row["stragglers"], row["took_part_slow"], row["took_part_fast"], row["aggregated"]) == (1, 0, 2, 2)
+        assert row["sim_round_s"] == 5.0
+    assert summary["sim_time_s"] == 10.0 and summary["client_rounds_by_device"] == {"fast": 4, "slow": 0}
