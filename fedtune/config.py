@@ -69,6 +69,9 @@ class FederationSection:
     method: str = "fedit"
     clients_per_round: int = 0  # 0 = every client, every round
     timeout_s: float = 3600.0
+    # Reject an update whose L2 norm (its change against what the client was sent;
+    # FedKSeed: its scalars) exceeds this; 0: no bound.
+    max_update_norm: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -284,6 +287,7 @@ def validate(c: RunConfig) -> None:
         c.federation.clients_per_round,
     )
     _require(c.federation.timeout_s > 0, "federation.timeout_s", "> 0", c.federation.timeout_s)
+    _require(c.federation.max_update_norm >= 0, "federation.max_update_norm", ">= 0 (0 = no bound)", c.federation.max_update_norm)
     _require(c.train.local_steps >= 1, "train.local_steps", ">= 1", c.train.local_steps)
     _require(c.train.batch_size >= 1, "train.batch_size", ">= 1", c.train.batch_size)
     _require(c.train.lr > 0, "train.lr", "> 0", c.train.lr)

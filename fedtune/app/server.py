@@ -76,8 +76,8 @@ def serve(grid: Grid, config: RunConfig, run_dir: Path) -> dict:
     for rnd in range(1, config.run.rounds + 1):
         candidates = fleet.participants(rnd) if fleet else sorted(nodes)
         sampled = _sample_clients(candidates, per_round, config.run.seed, rnd)
-        if budget and (stopped := budget.overspending(sampled)):
-            stopped = f"stopped before round {rnd} to stay within the privacy budget: {stopped}"
+        if budget and (reason := budget.overspending(sampled)):
+            stopped = f"stopped before round {rnd} to stay within the privacy budget: {reason}"
             tqdm.write(stopped)
             break
         updates, train_metrics = _train_round(grid, config, method, rnd, {c: nodes[c] for c in sampled}, ledger, bar, fleet)

@@ -126,7 +126,9 @@ class Method(ABC):
 
     def server_check(self, update: ClientUpdate) -> str | None:
         """Why ``update`` must not be aggregated, or None if it may: it must match
-        the uplink template, be finite and come from at least one example."""
+        the uplink template, be finite, come from at least one example, and change
+        the template's values (what the client was sent) by at most
+        federation.max_update_norm."""
         expected = self.uplink_template(update.client)
         if update.tensors.keys() != expected.keys():
             return f"tensor names differ from the {len(expected)} sent (got {len(update.tensors)})"
@@ -137,6 +139,14 @@ class Method(ABC):
                 return f"{name}: non-finite values"
         if update.num_examples < 1:
             return "num_examples is 0"
+        return self.check_norm(
+            sum(float((update.dense(n) - expected[n]).double().square().sum()) for n, t in update.tensors.items() if t.is_floating_point())
+        )
+
+    def check_norm(self, squared_norm: float) -> str | None:
+        bound = self.config.federation.max_update_norm
+        if bound and not squared_norm <= bound**2:  # "not <=" also catches an overflow to inf or nan
+            return f"update norm {squared_norm ** 0.5:.4g} exceeds federation.max_update_norm={bound}"
         return None
 
     @abstractmethod

@@ -108,10 +108,12 @@ class FedKSeed(Method):
 
     def server_check(self, update: ClientUpdate) -> str | None:
         try:
-            self.uplink_pairs(update.tensors)
+            seeds, scalars = self.uplink_pairs(update.tensors)
         except ValueError as exc:
             return str(exc)
-        return None if update.num_examples >= 1 else "num_examples is 0"
+        if update.num_examples < 1:
+            return "num_examples is 0"
+        return self.check_norm(float(per_seed_sums(seeds, scalars, self.k).double().square().sum()))
 
     def server_aggregate(self, updates: list[ClientUpdate], noise: Noise | None = None) -> None:
         total = sum(u.num_examples for u in updates)
