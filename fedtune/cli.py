@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from fedtune.errors import FedtuneError
 
@@ -15,6 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("config", nargs="?", help="TOML config (default: built-in defaults)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                      help="override one config key; repeatable")
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue a run after its last finished round")
     run.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     args = parser.parse_args(argv)
     try:
@@ -29,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from fedtune import report
+    from fedtune.checkpoint import CHECKPOINT
     from fedtune.centralized import centralized_steps, run_centralized
     from fedtune.config import load_config
     from fedtune.methods import get_method
@@ -36,7 +39,15 @@ def _run(args: argparse.Namespace) -> int:
     from fedtune.privacy.accounting import Budget
     from fedtune.task import client_name, client_partitions, load_model
 
-    config = load_config(args.config, args.overrides)
+    if args.resume:
+        if args.config or args.overrides:
+            raise FedtuneError("--resume runs with the run directory's own config.toml: drop CONFIG and --set")
+        run_dir = Path(args.resume)
+        if not (run_dir / CHECKPOINT).is_file():
+            raise FedtuneError(f"{run_dir} has no {CHECKPOINT}: nothing to resume (no round finished, or not a run directory)")
+        config = load_config(run_dir / "config.toml")
+    else:
+        config = load_config(args.config, args.overrides)
     # Preflight in this process: every user mistake surfaces here as one line,
     # before Ray starts, and a GGUF model is converted once, not once per client.
     parts = client_partitions(config)
@@ -44,9 +55,10 @@ def _run(args: argparse.Namespace) -> int:
     if config.privacy.mode != "none":
         Budget(config, {client_name(i): len(p) for i, p in enumerate(parts)}).check_first_round()
 
-    run_dir = report.create_run_dir(config)
+    if not args.resume:
+        run_dir = report.create_run_dir(config)
     print(f"run directory: {run_dir}", flush=True)
-    summary = run_simulation(config, run_dir, verbose=args.verbose)
+    summary = run_simulation(config, run_dir, verbose=args.verbose, resume=bool(args.resume))
     if config.run.centralized_baseline:
         steps = centralized_steps(config)
         print(f"centralized baseline: {steps} steps on the pooled data ...", flush=True)

@@ -36,6 +36,15 @@ class Ledger:
         self.transfers: list[Transfer] = []
         self.path = path
 
+    @classmethod
+    def resume(cls, path: Path, last_round: int) -> "Ledger":
+        """The ledger of a run resumed after ``last_round`` (its file cut back to it)."""
+        from fedtune.checkpoint import cut_back
+
+        ledger = cls(path)
+        ledger.transfers = [Transfer(**record) for record in cut_back(path, last_round)]
+        return ledger
+
     def record(self, transfer: Transfer) -> None:
         self.transfers.append(transfer)
         if self.path is not None:

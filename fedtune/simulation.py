@@ -28,9 +28,12 @@ def quiet_flower(verbose: bool) -> None:
         flwr_log.addFilter(_not_a_deprecation_notice)  # adding twice is a no-op
 
 
-def run_simulation(config: RunConfig, run_dir: Path, verbose: bool = False, client_app: ClientApp | None = None) -> dict:
-    """Run the federated job; returns its summary or raises what the ServerApp raised.
-    ``client_app`` replaces fedtune's own (tests use it to plant a faulty client)."""
+def run_simulation(
+    config: RunConfig, run_dir: Path, verbose: bool = False, client_app: ClientApp | None = None, resume: bool = False
+) -> dict:
+    """Run the federated job (``resume``: continue it from its checkpoint); returns
+    its summary or raises what the ServerApp raised. ``client_app`` replaces
+    fedtune's own (tests use it to plant a faulty client)."""
     from flwr.simulation import run_simulation as flower_run_simulation
 
     from fedtune.app import client
@@ -47,7 +50,7 @@ def run_simulation(config: RunConfig, run_dir: Path, verbose: bool = False, clie
     }
     outcome: dict = {}
     flower_run_simulation(
-        server_app=make_server_app(config, run_dir, outcome),
+        server_app=make_server_app(config, run_dir, outcome, resume),
         client_app=client_app or client.app,
         num_supernodes=config.partition.num_clients,
         backend_config=backend_config,

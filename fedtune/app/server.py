@@ -20,7 +20,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from tqdm import tqdm
 
-from fedtune import report, wire
+from fedtune import checkpoint, report, wire
 from fedtune.codecs.spec import Chain, parse_chain
 from fedtune.config import RunConfig, load_config
 from fedtune.data import majority_class_accuracy
@@ -39,9 +39,11 @@ RECORD = "fedtune"  # key of our ConfigRecord in every Flower message
 ADAPTER = "adapter"  # the exported global model, inside the run directory
 
 
-def serve(grid: Grid, config: RunConfig, run_dir: Path) -> dict:
-    """Run the whole federated job; returns the summary also written to summary.json."""
+def serve(grid: Grid, config: RunConfig, run_dir: Path, resume: bool = False) -> dict:
+    """Run the whole federated job, or with ``resume`` continue it after the last
+    round checkpointed in ``run_dir``; returns the summary also written to summary.json."""
     started = time.perf_counter()
+    saved = checkpoint.load(run_dir) if resume else None
     train, test = load_splits(config)
     classifier = load_model(config)
     fleet = None
@@ -61,6 +63,18 @@ def serve(grid: Grid, config: RunConfig, run_dir: Path) -> dict:
     ledger = Ledger(run_dir / "ledger.jsonl")
     baselines = {"majority_accuracy": majority_class_accuracy(train.labels, test.labels)}
     rows: list[dict] = []
+    first = 1
+    if saved:
+        method.load_server_state(saved["method"])
+        if budget:
+            budget.history = saved["privacy"]
+        if fleet:
+            fleet.load_state(saved["fleet"])
+        rows = checkpoint.cut_back(run_dir / "metrics.jsonl", saved["round"])
+        ledger = Ledger.resume(run_dir / "ledger.jsonl", saved["round"])
+        started -= saved["wall_time_s"]
+        first = saved["round"] + 1
+        print(f"resuming {run_dir} after round {saved['round']}", flush=True)
 
     def evaluate_and_record(rnd: int, train_metrics: dict[str, float]) -> None:
         result = evaluate(method.server_model(), classifier, test, config.train.eval_batch_size)
@@ -68,12 +82,22 @@ def serve(grid: Grid, config: RunConfig, run_dir: Path) -> dict:
         report.append_metrics(run_dir, rows[-1])  # each finished round is on disk at once
         report.print_round(rows[-1], baselines)
 
-    evaluate_and_record(0, {})
+    def save_checkpoint(rnd: int) -> None:
+        checkpoint.save(run_dir, {
+            "round": rnd,
+            "method": method.server_state(),
+            "privacy": budget.history if budget else None,
+            "fleet": fleet.state() if fleet else None,
+            "wall_time_s": time.perf_counter() - started,
+        })
+
+    if not saved:
+        evaluate_and_record(0, {})
     baselines["zero_shot_accuracy"] = rows[0]["accuracy"]
     per_round = config.federation.clients_per_round or len(nodes)
-    bar = tqdm(total=config.run.rounds * per_round, desc="client rounds", unit="client", leave=False)
+    bar = tqdm(total=(config.run.rounds - first + 1) * per_round, desc="client rounds", unit="client", leave=False)
     stopped = ""
-    for rnd in range(1, config.run.rounds + 1):
+    for rnd in range(first, config.run.rounds + 1):
         candidates = fleet.participants(rnd) if fleet else sorted(nodes)
         sampled = _sample_clients(candidates, per_round, config.run.seed, rnd)
         if budget and (reason := budget.overspending(sampled)):
@@ -84,6 +108,7 @@ def serve(grid: Grid, config: RunConfig, run_dir: Path) -> dict:
         if not updates and fleet:  # nobody available, or every device failed or straggled: a lost round
             tqdm.write(f"round {rnd}: no update survived the simulated hardware; the model is unchanged")
             evaluate_and_record(rnd, train_metrics)
+            save_checkpoint(rnd)
             continue
         if not updates:
             raise FedtuneError(f"round {rnd}: no client returned an update (see the warnings above); "
@@ -95,6 +120,7 @@ def serve(grid: Grid, config: RunConfig, run_dir: Path) -> dict:
             updates, noise = _client_level_dp(config, budget, updates, rnd)
         method.server_aggregate(updates, noise)
         evaluate_and_record(rnd, train_metrics)
+        save_checkpoint(rnd)
     bar.close()
 
     method.export(run_dir / ADAPTER)
@@ -272,7 +298,7 @@ def main(grid: Grid, context: Context) -> None:
     serve(grid, config, report.create_run_dir(config))
 
 
-def make_server_app(config: RunConfig, run_dir: Path, outcome: dict) -> ServerApp:
+def make_server_app(config: RunConfig, run_dir: Path, outcome: dict, resume: bool = False) -> ServerApp:
     """`fedtune run`: a ServerApp bound to an already validated config. ``outcome``
     receives the summary, or the exception, since the simulation swallows both."""
     server = ServerApp()
@@ -280,7 +306,7 @@ def make_server_app(config: RunConfig, run_dir: Path, outcome: dict) -> ServerAp
     @server.main()
     def _main(grid: Grid, context: Context) -> None:
         try:
-            outcome["summary"] = serve(grid, config, run_dir)
+            outcome["summary"] = serve(grid, config, run_dir, resume)
         except BaseException as exc:  # handed to the CLI thread, which reports it
             outcome["error"] = exc
 

@@ -36,6 +36,12 @@ class Fleet:
         self.tokens_per_step = {c: config.train.batch_size * context for c in clients}  # until measured
         self.sequence_length = {c: float(context) for c in clients}
 
+    def state(self) -> dict[str, object]:
+        return {"clock": self.clock, "tokens_per_step": self.tokens_per_step, "sequence_length": self.sequence_length}
+
+    def load_state(self, state: dict[str, object]) -> None:
+        self.clock, self.tokens_per_step, self.sequence_length = state["clock"], state["tokens_per_step"], state["sequence_length"]
+
     def planned(self, config: RunConfig) -> RunConfig:
         """``config`` with FLoRA's per-client ranks from the plan written out as
         lora.client_ranks (hardware.plan_ranks then done); a client that cannot

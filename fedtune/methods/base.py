@@ -150,6 +150,16 @@ class Method(ABC):
         return None
 
     @abstractmethod
+    def server_state(self) -> dict[str, object]:
+        """Everything the server half needs to continue after a restart (tensors,
+        lists and numbers, for torch.save); client state is not in it."""
+
+    @abstractmethod
+    def load_server_state(self, state: dict[str, object]) -> None:
+        """Continue from :meth:`server_state`, after :meth:`server_init`. Clients
+        may have lost their state too: the method must resend what they need."""
+
+    @abstractmethod
     def server_model(self) -> nn.Module:
         """The current global model, ready to evaluate."""
 

@@ -89,6 +89,13 @@ class FedSB(Method):
         load_trainable_state(self.model, self.global_tensors)
         self.has_bases.update(u.client for u in updates)
 
+    def server_state(self) -> dict[str, object]:
+        return {"global": self.global_tensors}
+
+    def load_server_state(self, state: dict[str, object]) -> None:
+        self.global_tensors = state["global"]
+        load_trainable_state(self.model, self.global_tensors)
+
     def server_model(self) -> PeftModel:
         return self.model
 

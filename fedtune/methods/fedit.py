@@ -42,6 +42,13 @@ class FedIT(Method):
         self.global_tensors = weighted_average(updates, noise)
         load_trainable_state(self.model, self.global_tensors)
 
+    def server_state(self) -> dict[str, object]:
+        return {"global": self.global_tensors}
+
+    def load_server_state(self, state: dict[str, object]) -> None:
+        self.global_tensors = state["global"]
+        load_trainable_state(self.model, self.global_tensors)
+
     def server_model(self) -> PeftModel:
         return self.model
 

@@ -132,6 +132,15 @@ class FedKSeed(Method):
         self.apply(self.tuned_params, delta)
         self.log.append(self.encode_scalars(delta), (u.client for u in updates))
 
+    def server_state(self) -> dict[str, object]:
+        return {"deltas": self.log.deltas, "amplitude_sum": self.amplitude_sum, "amplitude_count": self.amplitude_count}
+
+    def load_server_state(self, state: dict[str, object]) -> None:
+        for delta in state["deltas"]:  # the replays, in order: the same weights to the bit
+            self.apply(self.tuned_params, self.decode_scalars(delta))
+            self.log.append(delta, ())  # no client is known to be in sync: each gets every round
+        self.amplitude_sum, self.amplitude_count = state["amplitude_sum"], state["amplitude_count"]
+
     def server_model(self) -> nn.Module:
         return self.classifier.model
 

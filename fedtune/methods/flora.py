@@ -97,6 +97,17 @@ class FLoRA(Method):
                 self.params[_plain(name)].copy_(value)
         self.log.append(factors, (u.client for u in updates))
 
+    def server_state(self) -> dict[str, object]:
+        return {"deltas": self.log.deltas, "head": {n: self.params[_plain(n)].detach().clone() for n in self.head_names}}
+
+    def load_server_state(self, state: dict[str, object]) -> None:
+        for factors in state["deltas"]:  # the merges, in order: the same weights to the bit
+            _merge(self.params, factors)
+            self.log.append(factors, ())  # no client is known to be in sync: each gets every round
+        with torch.no_grad():
+            for name, value in state["head"].items():
+                self.params[_plain(name)].copy_(value)
+
     def server_model(self) -> nn.Module:
         return self.model
 
