@@ -29,8 +29,8 @@ CELLS = {
 
 # Uplink chains per method; each is compared with its method's uncompressed cell above.
 CODECS = {
-    "FedIT (r=8)": ["float16", "int8", "int4", "ternary", "topk:0.05,int8", "int8,zstd"],
-    "Fed-SB (r=16)": ["float16", "int8", "int4", "ternary", "topk:0.25,int8"],
+    "FedIT (r=8)": ["float16", "int8", "int4", "ternary", "topk:0.05,int8"],
+    "Fed-SB (r=16)": ["int8", "int4", "ternary", "topk:0.25,int8"],
 }
 DOWNLINK = {"FedIT (r=8)": ("int8", "float16")}  # (up, down) cells with a compressed downlink too
 
