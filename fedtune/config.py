@@ -69,6 +69,10 @@ class FederationSection:
     method: str = "fedit"
     clients_per_round: int = 0  # 0 = every client, every round
     timeout_s: float = 3600.0
+    # A round needs this many valid updates; with fewer it is run again (new
+    # sample) up to round_retries times, then skipped, the model unchanged.
+    min_replies: int = 1
+    round_retries: int = 1
     # Reject an update whose L2 norm (its change against what the client was sent;
     # FedKSeed: its scalars) exceeds this; 0: no bound.
     max_update_norm: float = 0.0
@@ -287,6 +291,14 @@ def validate(c: RunConfig) -> None:
         c.federation.clients_per_round,
     )
     _require(c.federation.timeout_s > 0, "federation.timeout_s", "> 0", c.federation.timeout_s)
+    per_round = c.federation.clients_per_round or c.partition.num_clients
+    _require(
+        1 <= c.federation.min_replies <= per_round,
+        "federation.min_replies",
+        f"between 1 and the clients per round ({per_round})",
+        c.federation.min_replies,
+    )
+    _require(c.federation.round_retries >= 0, "federation.round_retries", ">= 0", c.federation.round_retries)
     _require(c.federation.max_update_norm >= 0, "federation.max_update_norm", ">= 0 (0 = no bound)", c.federation.max_update_norm)
     _require(c.train.local_steps >= 1, "train.local_steps", ">= 1", c.train.local_steps)
     _require(c.train.batch_size >= 1, "train.batch_size", ">= 1", c.train.batch_size)

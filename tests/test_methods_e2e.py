@@ -4,6 +4,8 @@ seed): it is dropped with a logged reason and the rounds go on with the others."
 
 import json
 import logging
+import os
+from pathlib import Path
 
 import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
@@ -72,3 +74,43 @@ def test_bad_uplink_is_dropped_and_rounds_go_on(tmp_path, caplog, method, sectio
         assert down[2, "client-0"] - down[1, "client-0"] > 256 * 4
         up = [t["payload_bytes"] for t in ledger if t["direction"] == "up" and t["client"] == "client-0"]
         assert all(b < 200 for b in up)  # 10 (int32, float32) pairs and a header
+
+
+def _raise_once(msg: Message, context, call_next) -> Message:
+    """A Flower mod: client-2's first training message raises (a crashing client).
+    A marker file remembers it: a node's context is not saved when its app raises."""
+    marker = Path(os.environ["FEDTUNE_TEST_CRASH_MARKER"])
+    if msg.metadata.message_type == "train" and int(context.node_config["partition-id"]) == 2 and not marker.exists():
+        marker.touch()
+        raise RuntimeError("simulated crash")
+    return call_next(msg, context)
+
+
+def _crashing_and_faulty_client_app() -> ClientApp:
+    app = ClientApp(mods=[_raise_once, _corrupt])
+    app.query()(client.enroll)
+    app.train()(client.train)
+    return app
+
+
+@pytest.mark.parametrize("min_replies", [2, 3])
+def test_too_few_valid_updates_retry_then_skip(tmp_path, caplog, monkeypatch, min_replies):
+    """client-1 always sends a malformed update, client-2 crashes in its first round.
+    With min_replies 2, round 1 is retried and then aggregates two updates; with 3,
+    every round is retried and skipped, and the model stays the zero-shot one."""
+    config = small_config(tmp_path, federation={"min_replies": min_replies, "round_retries": 1})
+    run_dir = report.create_run_dir(config)
+    monkeypatch.setenv("FEDTUNE_TEST_CRASH_MARKER", str(tmp_path / "crashed"))  # before Ray starts: its workers inherit it
+    with caplog.at_level(logging.WARNING, logger="fedtune"):
+        summary = run_simulation(config, run_dir, client_app=_crashing_and_faulty_client_app())
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("client-2 dropped" in m and "simulated crash" in m for m in messages)
+    if min_replies == 2:
+        # Round 1: two uplinks (client-2 crashed), one valid; the retry: three uplinks, two valid.
+        assert [(r["clients"], r.get("aggregated"), r.get("skipped")) for r in rows[1:]] == [(5, 2, None), (3, 2, None)]
+        assert rows[2]["accuracy"] != rows[0]["accuracy"] or rows[2]["loss"] != rows[0]["loss"]
+    else:
+        assert all(r["skipped"] == 1 and r["clients"] in (5, 6) for r in rows[1:])
+        assert all((r["accuracy"], r["loss"]) == (rows[0]["accuracy"], rows[0]["loss"]) for r in rows[1:])
+    assert summary["rounds"] == 2 and (run_dir / "adapter" / "adapter_config.json").is_file()

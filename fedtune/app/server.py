@@ -97,28 +97,33 @@ def serve(grid: Grid, config: RunConfig, run_dir: Path, resume: bool = False) ->
     per_round = config.federation.clients_per_round or len(nodes)
     bar = tqdm(total=(config.run.rounds - first + 1) * per_round, desc="client rounds", unit="client", leave=False)
     stopped = ""
+    fed = config.federation
     for rnd in range(first, config.run.rounds + 1):
-        candidates = fleet.participants(rnd) if fleet else sorted(nodes)
-        sampled = _sample_clients(candidates, per_round, config.run.seed, rnd)
-        if budget and (reason := budget.overspending(sampled)):
-            stopped = f"stopped before round {rnd} to stay within the privacy budget: {reason}"
+        # Too few valid updates: sample and train again, up to round_retries times, then skip the round.
+        for attempt in range(fed.round_retries + 1):
+            candidates = fleet.participants(rnd) if fleet else sorted(nodes)
+            sampled = _sample_clients(candidates, per_round, config.run.seed, rnd, attempt)
+            if budget and (reason := budget.overspending(sampled)):
+                stopped = f"stopped before round {rnd} to stay within the privacy budget: {reason}"
+                break
+            updates, train_metrics = _train_round(grid, config, method, rnd, {c: nodes[c] for c in sampled}, ledger, bar, fleet)
+            if budget:
+                budget.spend(sampled)  # they trained, whatever became of their updates
+                train_metrics["epsilon"] = budget.max_epsilon()
+            if len(updates) >= fed.min_replies:
+                break
+            tqdm.write(f"round {rnd}: {len(updates)} valid update(s), fewer than federation.min_replies={fed.min_replies}; "
+                       + ("retrying" if attempt < fed.round_retries else "round skipped, the model is unchanged"))
+        if stopped:
             tqdm.write(stopped)
             break
-        updates, train_metrics = _train_round(grid, config, method, rnd, {c: nodes[c] for c in sampled}, ledger, bar, fleet)
-        if not updates and fleet:  # nobody available, or every device failed or straggled: a lost round
-            tqdm.write(f"round {rnd}: no update survived the simulated hardware; the model is unchanged")
-            evaluate_and_record(rnd, train_metrics)
-            save_checkpoint(rnd)
-            continue
-        if not updates:
-            raise FedtuneError(f"round {rnd}: no client returned an update (see the warnings above); "
-                               f"finished rounds are in {run_dir}")
-        noise = None
-        if budget:
-            budget.spend(sampled)
-            train_metrics["epsilon"] = budget.max_epsilon()
-            updates, noise = _client_level_dp(config, budget, updates, rnd)
-        method.server_aggregate(updates, noise)
+        if len(updates) >= fed.min_replies:
+            noise = None
+            if budget:
+                updates, noise = _client_level_dp(config, budget, updates, rnd)
+            method.server_aggregate(updates, noise)
+        else:
+            train_metrics["skipped"] = 1
         evaluate_and_record(rnd, train_metrics)
         save_checkpoint(rnd)
     bar.close()
@@ -176,10 +181,10 @@ def _client_level_dp(
     return updates, Noise(z * p.clip, torch.Generator().manual_seed(derive_seed(config.run.seed, rnd, 0xD9)))
 
 
-def _sample_clients(clients: list[str], count: int, seed: int, rnd: int) -> list[str]:
+def _sample_clients(clients: list[str], count: int, seed: int, rnd: int, attempt: int = 0) -> list[str]:
     if count >= len(clients):
         return clients
-    rng = np.random.default_rng([seed, rnd])
+    rng = np.random.default_rng([seed, rnd, attempt] if attempt else [seed, rnd])
     return sorted(rng.choice(clients, size=count, replace=False).tolist())
 
 

@@ -33,6 +33,7 @@ class Fleet:
             c: plan_client(config, self.shape, d, context, adapter_params, largest_tuned) for c, d in self.devices.items()
         }
         self.clock = 0.0
+        self.attempts: dict[int, int] = {}  # tries of each round so far (federation.round_retries)
         self.tokens_per_step = {c: config.train.batch_size * context for c in clients}  # until measured
         self.sequence_length = {c: float(context) for c in clients}
 
@@ -109,7 +110,8 @@ class Fleet:
     def settle(self, rnd: int, times: dict[str, ClientTime]) -> tuple[list[str], dict[str, float]]:
         """Apply this round's simulated failures and deadline to the clients that
         replied: (the clients whose updates count, the round's hardware metrics)."""
-        failed = failures(self.devices, list(times), self.config.run.seed, rnd)
+        attempt = self.attempts[rnd] = self.attempts.get(rnd, -1) + 1
+        failed = failures(self.devices, list(times), self.config.run.seed, rnd, attempt)
         for client, at in failed.items():
             log.warning("round %d: %s dropped: its %s failed %.0f%% into the round (simulated)", rnd, client, self.devices[client].name, 100 * at)
         finished = {c: t for c, t in times.items() if c not in failed}

@@ -17,10 +17,10 @@ def available(devices: dict[str, DeviceProfile], seed: int, rnd: int) -> list[st
     return [c for c, u in zip(sorted(devices), draws) if u < devices[c].availability]
 
 
-def failures(devices: dict[str, DeviceProfile], clients: list[str], seed: int, rnd: int) -> dict[str, float]:
-    """The clients that fail mid-round, each with the fraction of its round done
-    when it fails."""
-    rng = np.random.default_rng([seed, rnd, 0xFA11])
+def failures(devices: dict[str, DeviceProfile], clients: list[str], seed: int, rnd: int, attempt: int = 0) -> dict[str, float]:
+    """The clients that fail mid-round (in the round's ``attempt``-th try), each
+    with the fraction of its round done when it fails."""
+    rng = np.random.default_rng([seed, rnd, 0xFA11, attempt] if attempt else [seed, rnd, 0xFA11])
     draws = rng.random((len(clients), 2))
     return {c: float(at) for c, (u, at) in zip(sorted(clients), draws) if u < devices[c].failure}
 
