@@ -164,7 +164,9 @@ def plot_accuracy_vs_bytes(rows: list[dict], path: Path, summary: dict) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, dpi=120, format="png")
+    os.replace(tmp, path)
     plt.close(fig)
 
 

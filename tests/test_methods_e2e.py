@@ -61,7 +61,9 @@ def test_bad_uplink_is_dropped_and_rounds_go_on(tmp_path, caplog, method, sectio
     reason = "seed index out of range [0, 256)" if method == "fedkseed" else "expected torch.float32"
     assert len(dropped) == 2 and all(reason in m for m in dropped)
     assert summary["final_accuracy"] == rows[-1]["accuracy"]
-    assert (run_dir / "adapter" / "fedtune.json").is_file()
+    info = json.loads((run_dir / "adapter" / "fedtune.json").read_text())
+    if method == "fedkseed":  # a whole model, exported beside the run directory's adapter/ and renamed into it
+        assert info["base_model"] == str(run_dir / "adapter")
 
     ledger = [json.loads(line) for line in (run_dir / "ledger.jsonl").read_text().splitlines()]
     down = {(t["round"], t["client"]): t["payload_bytes"] for t in ledger if t["direction"] == "down"}

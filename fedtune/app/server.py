@@ -8,8 +8,10 @@ The same code runs under `fedtune run` (simulation) and `flwr run` (any federati
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import shlex
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -128,12 +130,23 @@ def serve(grid: Grid, config: RunConfig, run_dir: Path, resume: bool = False) ->
         save_checkpoint(rnd)
     bar.close()
 
-    method.export(run_dir / ADAPTER)
+    _export(method, run_dir / ADAPTER)
     summary = report.summarize(config, rows, ledger, baselines, time.perf_counter() - started)
     if stopped:
         summary["stopped"] = stopped
     report.finish(run_dir, rows, summary)
     return summary
+
+
+def _export(method: Method, target: Path) -> None:
+    """Export beside ``target`` and rename: a crash never leaves a half-written model."""
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    method.export(tmp)
+    info = tmp / "fedtune.json"  # a whole-model export names itself as its base model
+    info.write_text(info.read_text().replace(json.dumps(str(tmp)), json.dumps(str(target))))
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
 
 
 def _enroll(grid: Grid, config: RunConfig, label_names: list[str]) -> tuple[dict[str, int], dict[str, int]]:
