@@ -50,7 +50,9 @@ class Budget:
     def __init__(self, config: RunConfig, partition_sizes: dict[str, int]) -> None:
         self.config, self.sizes = config, partition_sizes
         self.history: dict[str, list[Step]] = {c: [] for c in partition_sizes}
-        self.noise = {c: self.noise_multiplier(c) for c in partition_sizes}
+        rates = {c: self.sample_rate(c) for c in partition_sizes}
+        by_rate = {q: self.noise_multiplier(q) for q in set(rates.values())}  # one calibration per rate
+        self.noise = {c: by_rate[q] for c, q in rates.items()}
 
     def sample_rate(self, client: str) -> float:
         c = self.config
@@ -61,16 +63,16 @@ class Budget:
     def steps_per_round(self) -> int:
         return 1 if self.config.privacy.mode == "client" else self.config.train.local_steps
 
-    def noise_multiplier(self, client: str) -> float:
-        """privacy.noise_multiplier, or the smallest one that lets ``client`` take
-        part in every round of the run within the budget."""
+    def noise_multiplier(self, sample_rate: float) -> float:
+        """privacy.noise_multiplier, or the smallest one that lets a client sampled
+        at ``sample_rate`` take part in every round of the run within the budget."""
         p = self.config.privacy
         if p.noise_multiplier > 0:
             return p.noise_multiplier
         steps = self.config.run.rounds * self.steps_per_round()
         try:
             return float(get_noise_multiplier(
-                target_epsilon=p.epsilon, target_delta=p.delta, sample_rate=self.sample_rate(client),
+                target_epsilon=p.epsilon, target_delta=p.delta, sample_rate=sample_rate,
                 steps=steps, accountant=p.accountant,
             ))
         except ValueError:
