@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -22,8 +19,8 @@ import torch
 
 from fedtune.config import load_config
 from fedtune.methods import ClientJob, get_method
-from fedtune.methods.lora import trainable_state, wrap_with_lora
 from fedtune.task import client_data, client_name, load_model, load_splits
+from one_client import in_fresh_process, initial_adapter, peak_rss_bytes
 
 
 def workload(config_path: str, mode: str, steps: int) -> dict:
@@ -35,21 +32,18 @@ def workload(config_path: str, mode: str, steps: int) -> dict:
     method = get_method(config)
     classifier = load_model(config)
     data = client_data(config, 0)
-    loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    loaded = peak_rss_bytes()
     started = time.perf_counter()
     if mode == "inference":  # the forward passes of `steps` zeroth-order steps, no training
         with torch.no_grad():
             for i in range(2 * steps):
                 classifier.model(**classifier.encode(data.texts[i * 8 % len(data) :][: config.train.batch_size]))
     else:
-        downlink = {}  # FedKSeed's first round: nothing to replay
-        if mode == "lora":  # the initial adapter, as FedIT's server would send it
-            peft = wrap_with_lora(classifier, config.lora, config.run.seed)
-            downlink = trainable_state(peft)
-            peft.unload()
+        # FedKSeed's first round has nothing to replay; FedIT's brings the initial adapter.
+        downlink = initial_adapter(classifier, config) if mode == "lora" else {}
         method.client_train(classifier, downlink, ClientJob(client_name(0), data, seed=1))
     elapsed = time.perf_counter() - started
-    return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "loaded_mb": loaded / 1024,
+    return {"peak_rss_mb": peak_rss_bytes() / 2**20, "loaded_mb": loaded / 2**20,
             "steps_per_s": steps / elapsed}
 
 
@@ -91,8 +85,7 @@ def main() -> None:
 
     results = {}
     for mode in ("inference", "lora", "zo"):
-        cmd = [sys.executable, __file__, args.config, "--steps", str(args.steps), "--mode", mode]
-        results[mode] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+        results[mode] = in_fresh_process(__file__, args.config, args.steps, mode)
     print(f"{'workload':<28} {'peak RSS MB':>12} {'after load MB':>14} {'steps/s':>8}")
     names = {"inference": "inference (2 fwd per step)", "lora": "LoRA training (FedIT)", "zo": "zeroth-order (FedKSeed)"}
     for mode, r in results.items():

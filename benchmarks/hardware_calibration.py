@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
@@ -28,9 +25,9 @@ from fedtune.config import load_config
 from fedtune.hardware.cost import FRAMEWORK_BYTES, ModelShape, compute_seconds, peak_memory
 from fedtune.hardware.profiles import DeviceProfile
 from fedtune.methods import ClientJob, get_method
-from fedtune.methods.lora import trainable_state, wrap_with_lora
 from fedtune.models import resolve_model_path
 from fedtune.task import client_data, client_name, load_model
+from one_client import in_fresh_process, initial_adapter, peak_rss_bytes
 
 KINDS = {"lora": ("fedit", "adapter"), "zo": ("fedkseed", "zeroth_order")}
 
@@ -52,15 +49,11 @@ def workload(config_path: str, mode: str, steps: int) -> dict:
     config = load_config(config_path, [f"train.local_steps={steps}", f"federation.method={method_name}"])
     if mode == "framework":  # torch, transformers and the tokenizer, as a client process has them, no weights
         AutoTokenizer.from_pretrained(resolve_model_path(config.model))
-        return {"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+        return {"peak_rss": peak_rss_bytes()}
     classifier = load_model(config)
     method = get_method(config)
     data = client_data(config, 0)
-    downlink = {}
-    if mode == "lora":  # the initial adapter, as FedIT's server sends it
-        peft = wrap_with_lora(classifier, config.lora, config.run.seed)
-        downlink = trainable_state(peft)
-        peft.unload()
+    downlink = initial_adapter(classifier, config) if mode == "lora" else {}
     started = time.perf_counter()
     result = method.client_train(classifier, downlink, ClientJob(client_name(0), data, seed=1))
     elapsed = time.perf_counter() - started
@@ -72,7 +65,7 @@ def workload(config_path: str, mode: str, steps: int) -> dict:
         "seconds": elapsed,
         "tokens": int(result.metrics["tokens"]),
         "context": result.metrics["tokens"] / result.metrics["sequences"],
-        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss": peak_rss_bytes(),
         "trained": trained,
         "shape": [shape.params, shape.embedding_params, shape.layers, shape.hidden, shape.heads],
         "flops": matmul_flops(shape.hidden),
@@ -90,8 +83,7 @@ def main() -> None:
         return
 
     def run(mode: str) -> dict:
-        cmd = [sys.executable, __file__, args.config, "--steps", str(args.steps), "--mode", mode]
-        return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+        return in_fresh_process(__file__, args.config, args.steps, mode)
 
     framework = run("framework")["peak_rss"]
     print(f"framework alone (torch, transformers, the tokenizer): peak RSS {framework / 1e6:,.0f} MB; "

@@ -24,10 +24,16 @@ def save(run_dir: Path, state: dict) -> None:
     os.replace(tmp, run_dir / CHECKPOINT)  # a crash leaves the old checkpoint or the new, never half of one
 
 
-def load(run_dir: Path) -> dict:
+def require(run_dir: Path) -> Path:
+    """The checkpoint of ``run_dir``, or a one-line error if there is none."""
     path = run_dir / CHECKPOINT
     if not path.is_file():
         raise FedtuneError(f"{run_dir} has no {CHECKPOINT}: nothing to resume (no round finished, or not a run directory)")
+    return path
+
+
+def load(run_dir: Path) -> dict:
+    path = require(run_dir)
     try:
         return torch.load(path, weights_only=True)
     except Exception as exc:  # torch raises several types for a damaged file

@@ -30,8 +30,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from fedtune import report
-    from fedtune.checkpoint import CHECKPOINT
+    from fedtune import checkpoint, report
     from fedtune.centralized import centralized_steps, run_centralized
     from fedtune.config import load_config
     from fedtune.methods import get_method
@@ -43,8 +42,7 @@ def _run(args: argparse.Namespace) -> int:
         if args.config or args.overrides:
             raise FedtuneError("--resume runs with the run directory's own config.toml: drop CONFIG and --set")
         run_dir = Path(args.resume)
-        if not (run_dir / CHECKPOINT).is_file():
-            raise FedtuneError(f"{run_dir} has no {CHECKPOINT}: nothing to resume (no round finished, or not a run directory)")
+        checkpoint.require(run_dir)
         config = load_config(run_dir / "config.toml")
     else:
         config = load_config(args.config, args.overrides)

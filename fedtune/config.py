@@ -151,6 +151,10 @@ class HardwareSection:
     plan_ranks: bool = False  # FLoRA: each client the largest lora.rank_choices rank that fits its memory
     rank_choices: list[int] = field(default_factory=lambda: [64, 32, 16, 8, 4, 2])
 
+    @property
+    def modelled(self) -> bool:
+        return bool(self.mix or self.devices)
+
 
 @dataclass(frozen=True)
 class SimulationSection:
@@ -352,13 +356,13 @@ def validate(c: RunConfig) -> None:
     _require(h.stragglers in ("drop", "partial"), "hardware.stragglers", "'drop' or 'partial'", h.stragglers)
     _require(h.rank_choices and all(r >= 1 for r in h.rank_choices), "hardware.rank_choices", "ranks >= 1", h.rank_choices)
     _require(
-        not h.plan_ranks or (c.federation.method == "flora" and (h.mix or h.devices) and not c.lora.client_ranks),
+        not h.plan_ranks or (c.federation.method == "flora" and h.modelled and not c.lora.client_ranks),
         "hardware.plan_ranks",
         "false unless federation.method is 'flora' (the one method with a rank per client), hardware.mix or "
         "hardware.devices is set, and lora.client_ranks is empty",
         h.plan_ranks,
     )
-    if h.mix or h.devices:
+    if h.modelled:
         from fedtune.hardware.profiles import load_catalogue  # here, not at the top: it imports this module
 
         known = load_catalogue(h.catalogue)

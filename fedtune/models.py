@@ -199,8 +199,9 @@ def load_classifier(model_cfg: ModelSection, data_cfg: DataSection, num_labels: 
     )
 
 
-def export_info(directory: Path, classifier: Classifier, base_model: str) -> None:
-    """fedtune.json beside an exported model: what a loader needs besides the weights."""
+def export_info(directory: Path, classifier: Classifier, base_model: str | None) -> None:
+    """fedtune.json beside an exported model: what a loader needs besides the
+    weights. ``base_model`` None: the directory is a whole model, its own base."""
     info = {
         "base_model": base_model,
         "num_labels": classifier.model.config.num_labels,

@@ -33,7 +33,7 @@ def test_export_reloads_with_the_same_predictions(tmp_path, name):
     method.export(out)
     info = json.loads((out / "fedtune.json").read_text())
     base = AutoModelForSequenceClassification.from_pretrained(
-        info["base_model"], num_labels=info["num_labels"], pad_token_id=info["pad_token_id"]
+        info["base_model"] or out, num_labels=info["num_labels"], pad_token_id=info["pad_token_id"]
     )
     # Adapter methods export a PEFT adapter; FedKSeed, full-parameter, a whole model.
     model = (PeftModel.from_pretrained(base, out) if (out / "adapter_config.json").is_file() else base).eval()

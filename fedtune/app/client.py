@@ -65,8 +65,11 @@ def train(msg: Message, context: Context) -> Message:
     state = context.state[STATE].to_torch_state_dict() if STATE in context.state else {}
     seed = derive_seed(config.run.seed, down.round, pid)
     client, data = client_name(pid), client_data(config, pid)
-    budget = Budget(config, {client: len(data)}) if config.privacy.mode != "none" else None
-    dp_sgd = _dp_sgd(config, context, budget, client) if config.privacy.mode == "sample" else None
+    p = config.privacy
+    # The noise multiplier (a calibration per message) only where this client uses it.
+    shares = p.mode == "client" and p.noise_on == "clients"
+    budget = Budget(config, {client: len(data)}) if p.mode == "sample" or shares else None
+    dp_sgd = _dp_sgd(config, context, budget, client) if p.mode == "sample" else None
     steps = int(msg.content[RECORD].get("local_steps", 0))
     job = ClientJob(client, data, seed, state, dp_sgd, steps)
     classifier = load_model(config)
@@ -77,8 +80,8 @@ def train(msg: Message, context: Context) -> Message:
         budget.spend([client])
         context.state[PRIVACY] = ArrayRecord(torch_state_dict={"history": torch.tensor(budget.history[client], dtype=torch.float64)})
         metrics["epsilon"] = budget.epsilon(client)
-    if config.privacy.mode == "client" and result.start:
-        result = _clip(config, method, result, budget.noise[client], seed)
+    if p.mode == "client" and result.start:
+        result = _clip(config, method, result, budget.noise[client] if budget else 0.0, seed)
     if job.state:
         context.state[STATE] = ArrayRecord(torch_state_dict=job.state)
     content = RecordDict({RECORD: ConfigRecord({"payload": _uplink(config, context, down, result, job)}),

@@ -8,7 +8,6 @@ The same code runs under `fedtune run` (simulation) and `flwr run` (any federati
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import shlex
 import shutil
@@ -49,7 +48,7 @@ def serve(grid: Grid, config: RunConfig, run_dir: Path, resume: bool = False) ->
     train, test = load_splits(config)
     classifier = load_model(config)
     fleet = None
-    if config.hardware.mix or config.hardware.devices:
+    if config.hardware.modelled:
         fleet = Fleet(config, classifier)
         config = fleet.planned(config)  # before enrollment: the clients train the planned ranks
         print(fleet.describe(), flush=True)
@@ -143,8 +142,6 @@ def _export(method: Method, target: Path) -> None:
     tmp = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     method.export(tmp)
-    info = tmp / "fedtune.json"  # a whole-model export names itself as its base model
-    info.write_text(info.read_text().replace(json.dumps(str(tmp)), json.dumps(str(target))))
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
 

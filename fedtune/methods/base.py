@@ -10,6 +10,7 @@ share state: the server half runs in the ServerApp, the client half in a ClientA
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -139,14 +140,16 @@ class Method(ABC):
                 return f"{name}: non-finite values"
         if update.num_examples < 1:
             return "num_examples is 0"
-        return self.check_norm(
-            sum(float((update.dense(n) - expected[n]).double().square().sum()) for n, t in update.tensors.items() if t.is_floating_point())
-        )
+        return self.check_norm(lambda: sum(
+            float((update.dense(n) - expected[n]).double().square().sum()) for n, t in update.tensors.items() if t.is_floating_point()
+        ))
 
-    def check_norm(self, squared_norm: float) -> str | None:
+    def check_norm(self, squared_norm: Callable[[], float]) -> str | None:
+        """Why an update whose squared norm ``squared_norm()`` gives is too large;
+        computed only when federation.max_update_norm is set (it densifies sparse updates)."""
         bound = self.config.federation.max_update_norm
-        if bound and not squared_norm <= bound**2:  # "not <=" also catches an overflow to inf or nan
-            return f"update norm {squared_norm ** 0.5:.4g} exceeds federation.max_update_norm={bound}"
+        if bound and not (value := squared_norm()) <= bound**2:  # "not <=" also catches inf and nan
+            return f"update norm {value ** 0.5:.4g} exceeds federation.max_update_norm={bound}"
         return None
 
     @abstractmethod

@@ -113,7 +113,7 @@ class FedKSeed(Method):
             return str(exc)
         if update.num_examples < 1:
             return "num_examples is 0"
-        return self.check_norm(float(per_seed_sums(seeds, scalars, self.k).double().square().sum()))
+        return self.check_norm(lambda: float(per_seed_sums(seeds, scalars, self.k).double().square().sum()))
 
     def server_aggregate(self, updates: list[ClientUpdate], noise: Noise | None = None) -> None:
         total = sum(u.num_examples for u in updates)
@@ -148,7 +148,7 @@ class FedKSeed(Method):
         """Full-parameter tuning: a complete Hugging Face model directory."""
         self.classifier.model.save_pretrained(directory)
         self.classifier.tokenizer.save_pretrained(directory)
-        export_info(directory, self.classifier, base_model=str(directory))
+        export_info(directory, self.classifier, base_model=None)
 
     # -- encodings ---------------------------------------------------------------
     def encode_scalars(self, dense: torch.Tensor) -> TensorDict:
