@@ -82,6 +82,8 @@ class FederationSection:
 class TrainSection:
     local_steps: int = 10
     batch_size: int = 8
+    # "adamw", or "sgd": DP-SGD's noise, normalised per coordinate by AdamW, swamps a small batch's signal.
+    optimizer: str = "adamw"
     lr: float = 5e-4
     weight_decay: float = 0.0
     eval_batch_size: int = 32
@@ -184,6 +186,7 @@ class RunConfig:
 
 PARTITION_SCHEMES = ("iid", "dirichlet", "quantity")
 PRIVACY_MODES = ("none", "client", "sample")
+OPTIMIZERS = ("adamw", "sgd")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
@@ -306,6 +309,7 @@ def validate(c: RunConfig) -> None:
     _require(c.federation.max_update_norm >= 0, "federation.max_update_norm", ">= 0 (0 = no bound)", c.federation.max_update_norm)
     _require(c.train.local_steps >= 1, "train.local_steps", ">= 1", c.train.local_steps)
     _require(c.train.batch_size >= 1, "train.batch_size", ">= 1", c.train.batch_size)
+    _require(c.train.optimizer in OPTIMIZERS, "train.optimizer", f"one of {OPTIMIZERS}", c.train.optimizer)
     _require(c.train.lr > 0, "train.lr", "> 0", c.train.lr)
     _require(c.train.weight_decay >= 0, "train.weight_decay", ">= 0", c.train.weight_decay)
     _require(c.train.eval_batch_size >= 1, "train.eval_batch_size", ">= 1", c.train.eval_batch_size)
