@@ -166,7 +166,7 @@ def test_interrupted_grid_resumes_where_it_stopped(tmp_path):
     path = compare_file(tmp_path, "target_accuracy = 0.5\n[grid]\nmethod = [\"fedit\", \"fed_sb\"]\n", base)
     cmd = [sys.executable, "-m", "fedtune.cli", "compare", str(path)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    first = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    first = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, start_new_session=True)
     out = tmp_path / "out" / "cells"
     deadline = time.monotonic() + 600
     while not list(out.glob("fed_sb/*/checkpoint.pt")):

@@ -48,7 +48,7 @@ class Cell:
 
     @property
     def slug(self) -> str:
-        return re.sub(r"[^A-Za-z0-9.]+", "-", self.label).strip("-")
+        return re.sub(r"[^A-Za-z0-9._]+", "-", self.label).strip("-")
 
 
 @dataclass(frozen=True)
