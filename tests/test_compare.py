@@ -148,6 +148,7 @@ def test_report_from_synthetic_runs_has_the_known_front(tmp_path):
     assert float(next(r for r in csv_rows if r["cell"] == "C")["total_bytes_up"]) == 1_000_000
     page = report.read_text()
     assert page.count("data:image/png;base64,") == 3 and "[grid]" in page
+    assert page.count("<tr>") == 5 and "<td>B (2 seeds)</td><td>0.850 ± 0.014</td>" in page
     for name in ("pareto.png", "accuracy_vs_bytes.png", "accuracy_vs_time.png"):
         assert (comparison.output_dir / name).read_bytes()[:4] == b"\x89PNG"
 
@@ -181,7 +182,7 @@ def test_interrupted_grid_resumes_where_it_stopped(tmp_path):
     second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-2000:]
     assert "[1/2] fedit: finished earlier" in second.stdout
-    assert "[2/2] fed_sb: resuming" in second.stdout
+    assert "[2/2] fed_sb: resuming" in second.stdout and "[2/2] fed_sb: round 2: accuracy" in second.stdout
     assert fedit_summary.stat().st_mtime_ns == stamp
     with (tmp_path / "out" / "table.csv").open() as f:
         assert [r["cell"] for r in csv.DictReader(f)] == ["fedit", "fed_sb"]

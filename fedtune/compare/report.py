@@ -110,7 +110,26 @@ def _html(comparison: Comparison, table: str) -> str:
     return (
         "<!doctype html><html><head><meta charset='utf-8'><title>fedtune compare</title><style>"
         "body{font-family:sans-serif;max-width:1100px;margin:2em auto}pre{background:#f4f4f4;padding:1em;overflow:auto}"
-        "img{max-width:100%}</style></head><body>"
+        "img{max-width:100%}table{border-collapse:collapse;font-size:90%}"
+        "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}td:first-child{text-align:left}</style></head><body>"
         f"<h1>fedtune compare: {html.escape(comparison.source.name)}</h1>"
-        f"<h2>Table</h2><pre>{html.escape(table)}</pre>{images}<h2>Configs</h2>{configs}</body></html>\n"
+        f"<h2>Table</h2>{_table_html(table)}{images}<h2>Configs</h2>{configs}</body></html>\n"
     )
+
+
+def _table_html(markdown: str) -> str:
+    """table.md as HTML: its pipe table as a <table>, every other line a paragraph."""
+    parts, rows = [], []
+    for line in markdown.splitlines() + [""]:
+        if line.startswith("|"):
+            if not set(line) <= set("|-: "):  # skip the alignment row
+                rows.append([html.escape(c.strip()) for c in line.strip("|").split("|")])
+            continue
+        if rows:
+            head, *body = rows
+            parts.append("<table><tr>" + "".join(f"<th>{c}</th>" for c in head) + "</tr>"
+                         + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in body) + "</table>")
+            rows = []
+        if line.strip():
+            parts.append(f"<p>{html.escape(line.lstrip('- '))}</p>")
+    return "".join(parts)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -16,6 +17,8 @@ from pathlib import Path
 
 from fedtune.checkpoint import CHECKPOINT
 from fedtune.compare.grid import Cell, Comparison
+
+ROUND_LINE = re.compile(r"(zero-shot|round \d+): accuracy .*")  # a run's per-round console line
 
 
 @dataclass(frozen=True)
@@ -64,10 +67,14 @@ def run_cells(comparison: Comparison, echo=print) -> list[CellResult]:
             echo(f"{head}: running")
         log = directory / "run.log"
         started = time.perf_counter()
-        with log.open("a") as out:
-            code = subprocess.run(
-                [sys.executable, "-m", "fedtune.cli", "run", *args], stdout=out, stderr=subprocess.STDOUT
-            ).returncode
+        with log.open("a") as out, subprocess.Popen(
+            [sys.executable, "-m", "fedtune.cli", "run", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        ) as child:
+            for line in child.stdout:
+                out.write(line)
+                if progress := ROUND_LINE.search(line):  # after tqdm's carriage returns, if any
+                    echo(f"{head}: {progress.group(0).strip()}")
+        code = child.returncode
         run_dir = finished_run(directory)
         if code or run_dir is None:
             last = log.read_text().strip().splitlines()[-1:] or ["no output"]
