@@ -87,20 +87,28 @@ def load_comparison(path: str | Path) -> Comparison:
     common = _strings(head.get("set", []), "compare.set")
     axes = _axes(raw)
     load_config(base)  # the base config's own mistakes, named as such
-    for override in {o for options in axes.values() for o_list in options.values() for o in o_list} | set(common):
+    for override in {o for values in axes.values() for overrides in values.values() for o in overrides} | set(common):
         try:  # a typo is an error; a combination the config check refuses is a refused cell
             check_override(override)
         except FedtuneError as exc:
             raise FedtuneError(f"grid override {override!r}: {exc}") from None
+    varying = [a for a, values in axes.items() if len(values) > 1]
+    cells, refused = _expand(base, common, axes, varying)
+    out = Path(head.get("output_dir", f"runs/compare-{path.stem}"))
+    return Comparison(path, base, out, float(target), parallel, varying, cells, refused)
 
-    varying = [a for a, options in axes.items() if len(options) > 1]
+
+def _expand(
+    base: Path, common: list[str], axes: dict[str, dict[str, list[str]]], varying: list[str]
+) -> tuple[list[Cell], dict[str, str]]:
+    """The product of the axes as cells, without duplicates, and the refused ones."""
     cells, refused, seen = [], {}, set()
     for combo in _product(axes):
         values = {axis: name for axis, (name, _) in combo.items()}
         if values.get("method") == "fedkseed" and "rank" in values:
             values["rank"] = "-"  # no adapter: the rank axis does not apply
         overrides = tuple(common) + tuple(
-            o for axis, (_, options) in combo.items() if values[axis] != "-" for o in options
+            o for axis, (_, axis_overrides) in combo.items() if values[axis] != "-" for o in axis_overrides
         )
         if overrides in seen:
             continue
@@ -116,8 +124,7 @@ def load_comparison(path: str | Path) -> Comparison:
         cells.append(Cell(label, group, values, overrides))
     if not cells:
         raise FedtuneError(f"no cell of the grid is a valid run config; for example {next(iter(refused.values()))}")
-    out = Path(head.get("output_dir", f"runs/compare-{path.stem}"))
-    return Comparison(path, base, out, float(target), parallel, varying, cells, refused)
+    return cells, refused
 
 
 def _axes(raw: dict[str, Any]) -> dict[str, dict[str, list[str]]]:
