@@ -203,6 +203,20 @@ def test_partial_stragglers_get_the_steps_that_fit(tmp_path):
     assert fleet.steps_within_deadline("client-1", 1_000_000) == 3  # fast: the full round fits
 
 
+@pytest.mark.parametrize("deadline_s", [0.0, 20.0])
+def test_when_every_client_fails_the_round_lasts_until_the_last_failure_or_the_deadline(tmp_path, deadline_s):
+    fleet = Fleet(_fleet_config(tmp_path, deadline_s=deadline_s), load_model(small_config(tmp_path)))
+    for device in fleet.devices.values():
+        object.__setattr__(device, "failure", 1.0)
+    times = {"client-0": ClientTime(1, 40, 1), "client-1": ClientTime(1, 10, 1)}
+    at = failures(fleet.devices, list(times), fleet.config.run.seed, 1)
+    kept, metrics = fleet.settle(1, times)
+    last_failure = max(times[c].total_s * at[c] for c in times)
+    assert kept == [] and metrics["failed"] == 2
+    assert metrics["sim_round_s"] == pytest.approx(min(last_failure, deadline_s or last_failure))
+    assert deadline_s == 0 or last_failure > deadline_s  # the seed makes the cap bite
+
+
 @pytest.mark.integration
 def test_a_deadline_drops_the_slow_device_every_round(tmp_path):
     config = _fleet_config(tmp_path, deadline_s=5.0)

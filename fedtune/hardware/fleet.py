@@ -119,8 +119,9 @@ class Fleet:
         for client in stragglers:
             log.warning("round %d: %s dropped: %.0f s past the %.0f s deadline (simulated %s)", rnd, client,
                         times[client].total_s - self.config.hardware.deadline_s, self.config.hardware.deadline_s, self.devices[client].name)
-        if failed and not finished:  # everyone failed: the server waited for the last failure
+        if failed and not finished:  # everyone failed: the server waited for the last failure, or the deadline
             seconds = max(times[c].total_s * at for c, at in failed.items())
+            seconds = min(seconds, self.config.hardware.deadline_s or seconds)
         self.clock += seconds
         kept = sorted(c for c in finished if c not in stragglers)
         metrics = {"sim_round_s": seconds, "sim_time_s": self.clock, "failed": len(failed), "stragglers": len(stragglers)}
