@@ -79,9 +79,11 @@ class Fleet:
         return reasons
 
     def participants(self, rnd: int) -> list[str]:
-        """Eligible clients whose devices are available this round."""
-        eligible = self.eligible()
-        return available({c: self.devices[c] for c in eligible}, self.config.run.seed, rnd)
+        """Eligible clients whose devices are available this round. Availability is
+        drawn for every device, so a device is up in the same rounds whichever
+        method (and so whichever set of eligible clients) a run has."""
+        eligible = set(self.eligible())
+        return [c for c in available(self.devices, self.config.run.seed, rnd) if c in eligible]
 
     def steps_within_deadline(self, client: str, down_bytes: int) -> int:
         """Local steps ``client`` can finish before hardware.deadline_s (partial
