@@ -113,9 +113,12 @@ def _synthetic_run(root: Path, name: str, accuracy: list[float], bytes_per_round
         "final_accuracy": accuracy[-1], "best_accuracy": max(accuracy[1:]),
         "total_bytes_down": total // 2, "total_bytes_up": total // 2,
         "bytes_per_client_round_down": total // 8, "bytes_per_client_round_up": total // 8,
-        "rounds_to_target": next((r for r, a in enumerate(accuracy) if r and a >= 0.8), None),
         "wall_time_s": 30.0,
     }
+    reached = next((r for r, a in enumerate(accuracy) if r and a >= 0.8), None)
+    summary["rounds_to_target"] = reached
+    if reached:
+        summary["bytes_to_target"] = reached * bytes_per_round
     (run_dir / "summary.json").write_text(json.dumps(summary))
     return run_dir
 
@@ -139,6 +142,8 @@ def test_report_from_synthetic_runs_has_the_known_front(tmp_path):
     rows = {line.split(" | ")[0].strip("| ").split(" (")[0]: line for line in table.splitlines() if line.startswith("| ") and "seeds" in line}
     assert [name for name, line in rows.items() if line.rstrip().endswith("| yes |")] == ["A", "B"]
     assert "0.850 ± 0.014" in rows["B"] and "0.850 ± 0.000" in rows["D"]
+    # B reached 0.8 in round 2 with both seeds, after 200 KB; A never; no fleet, so no simulated time.
+    assert "| 2.0 | 200.00 KB | - |" in rows["B"] and "| not reached | not reached | - |" in rows["A"]
     # B leads D by 0.000 in the mean: not a win; it beats A and C by more than the spreads.
     assert "Highest mean final accuracy: B" in table and "not beaten by it: D." in table
     assert "Failed: E seed 0: ValueError: boom" in table

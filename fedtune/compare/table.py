@@ -114,13 +114,11 @@ def _pm(g: Group, key: str) -> str:
 def _target(g: Group, key: str, fmt: str | None) -> str:
     """Mean over seeds of a to-target figure; "-" when there is no target (or,
     for simulated time, no fleet)."""
-    if "rounds_to_target" not in g.runs[0]:
+    if "rounds_to_target" not in g.runs[0] or (key == "sim_time_to_target_s" and "sim_time_s" not in g.runs[0]):
         return "-"
     missed = sum(r["rounds_to_target"] is None for r in g.runs)
     if missed:
         return "not reached" + (f" ({missed}/{len(g.runs)})" if missed < len(g.runs) else "")
-    if any(key not in r for r in g.runs):
-        return "-"
     mean = statistics.fmean(r[key] for r in g.runs)
     return human_bytes(mean) if fmt is None else fmt.format(mean)
 
