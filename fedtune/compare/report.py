@@ -66,7 +66,8 @@ def plot_pareto(groups: list[Group], path: Path) -> None:
     ax.set_xlabel("total bytes, down + up (log scale)")
     ax.set_ylabel("final accuracy" + (" (mean ± std over seeds)" if max(len(g.runs) for g in groups) > 1 else ""))
     ax.grid(alpha=0.3, which="both")
-    ax.legend(loc="lower right")
+    ax.margins(x=0.08, y=0.15)  # room for the labels
+    ax.legend(loc="best")
     save_figure(fig, path)
 
 
