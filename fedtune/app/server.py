@@ -310,9 +310,14 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """`flwr run`: the config path and overrides come from the app's run config."""
-    overrides = shlex.split(str(context.run_config.get("overrides", "")))
-    config = load_config(str(context.run_config["config"]), overrides)
+    """`flwr run`: the app's run config names a run directory that `fedtune deploy`
+    prepared (its config.toml, and to resume, its checkpoint), or a config path and overrides."""
+    run_config = context.run_config
+    if run_dir := str(run_config.get("run-dir", "")):
+        serve(grid, load_config(Path(run_dir) / "config.toml"), Path(run_dir), bool(run_config.get("resume", False)))
+        return
+    overrides = shlex.split(str(run_config.get("overrides", "")))
+    config = load_config(str(run_config["config"]), overrides)
     serve(grid, config, report.create_run_dir(config))
 
 
