@@ -46,6 +46,7 @@ class LocalFederation:
         self.fleet = f"127.0.0.1:{free_port()}"
         self.control = f"127.0.0.1:{free_port()}"
         self.flwr = FlwrCli(self.state / "flwr-home", self.control, self.certs / certs.CA)
+        self.workers: dict[str, int] = {}  # SuperNode name -> its Runtime API port
 
     def __enter__(self) -> LocalFederation:
         names = [f"node-{i}" for i in range(len(self.node_configs))]
@@ -77,16 +78,25 @@ class LocalFederation:
     def start_node(self, name: str, key: Path, node_config: dict[str, int | str]) -> None:
         """SuperNode ``name`` (and its worker) authenticating with ``key``."""
         port = free_port()
-        home = self.state / "nodes" / name
         command = supernode_command(self.fleet, self.certs / certs.CA, key, node_config, port, self.warm)
-        self.procs.start(name, command, FLWR_HOME=str(home))
+        self.procs.start(name, command, FLWR_HOME=str(self.state / "nodes" / name))
         if self.warm:
-            self.procs.start(f"{name}-worker", worker_command(port), FLWR_HOME=str(home))
+            self.workers[name] = port
+            self._start_worker(name)
+
+    def _start_worker(self, name: str) -> None:
+        self.procs.start(f"{name}-worker", worker_command(self.workers[name]), FLWR_HOME=str(self.state / "nodes" / name))
 
     def alive(self) -> None:
-        """Raise if the SuperLink has died. A dead SuperNode is the run's business:
-        the server drops its client and goes on while federation.min_replies allows."""
+        """Raise if the SuperLink has died; start again a worker that died under a
+        live SuperNode (else that node would hold its next task forever). A dead
+        SuperNode is the run's business: the server drops its client and goes on
+        while federation.min_replies allows."""
         self.procs.check(SUPERLINK)
+        for name in self.workers:
+            worker, node = self.procs.procs.get(f"{name}-worker"), self.procs.procs.get(name)
+            if worker and worker.poll() is not None and node and node.poll() is None:
+                self._start_worker(name)
 
     def run(self, run_dir: Path, resume: bool = False) -> dict:
         return run_to_end(self.flwr, run_dir, resume, self.alive)

@@ -9,12 +9,12 @@ import os
 import time
 from pathlib import Path
 
-from flwr.supercore.exit import ExitCode
-
 from fedtune.deploy import certs, probe
 from fedtune.deploy.flwr_cli import flower_env
 from fedtune.deploy.topology import Processes, stop_on_sigterm, superlink_command, supernode_command, worker_command
 from fedtune.errors import FedtuneError
+
+REFUSED = "Failed to activate SuperNode"  # Flower's log line when the SuperLink rejects a node's key
 
 
 def run_superlink(certs_dir: Path, state: Path, host: str, http_port: int, fleet_port: int, isolation: str) -> None:
@@ -40,7 +40,8 @@ def run_node(superlink: str, ca: Path, key: Path, node_config: dict[str, int | s
         print(f"SuperNode {node.pid} and its ClientApp worker {worker.pid} started", flush=True)
         while node.poll() is None and worker.poll() is None:
             time.sleep(1.0)
-        if node.returncode == ExitCode.SUPERNODE_CONNECTION_ERROR:
+        time.sleep(0.5)  # let the relay catch the last lines
+        if any(REFUSED in line for line in procs.tail["supernode"]):
             raise FedtuneError(f"the SuperLink at {superlink} refused this node: register {key}.pub with it "
                                "(`fedtune certs register`), or wait a minute if a node with this key just stopped")
         return node.returncode if node.returncode is not None else 1

@@ -35,7 +35,8 @@ def run_to_end(flwr: FlwrCli, run_dir: Path, resume: bool = False, alive: Callab
             time.sleep(1.0)
             shown = _print_new_rounds(run_dir, shown)
             alive()
-            if time.monotonic() - checked >= status_every_s:  # each check is a `flwr` process: not every second
+            # Each check is a `flwr` process: every few seconds, every second once the summary is written.
+            if time.monotonic() - checked >= status_every_s or (run_dir / "summary.json").exists():
                 status, details = flwr.status(run_id)
                 checked = time.monotonic()
     except KeyboardInterrupt:

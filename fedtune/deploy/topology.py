@@ -11,19 +11,24 @@ container), so both run the very same flags:
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
 from fedtune.deploy import certs
 from fedtune.deploy.flwr_cli import BIN
 from fedtune.errors import FedtuneError
+
+PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
 def superlink_command(certs_dir: Path, database: Path, host: str, http_port: int, fleet_port: int,
@@ -70,26 +75,38 @@ def free_port() -> int:
 
 
 class Processes:
-    """Child processes started and stopped together; NAME logs to LOG_DIR/NAME.log
-    (no LOG_DIR: to this process's output). Each leads its own process group, so
-    stopping it also stops what it started (a SuperNode's SuperExec and ClientApps)."""
+    """Child processes started and stopped together. NAME logs to LOG_DIR/NAME.log,
+    or without LOG_DIR its lines are relayed to this process's output as
+    "[NAME] ..." (a container's log) and the last ones kept in ``tail[NAME]``.
+    Each leads its own process group, so stopping it also stops what it started
+    (a SuperNode's SuperExec and ClientApps)."""
 
     def __init__(self, log_dir: Path | None, env: dict[str, str]) -> None:
         self.log_dir, self.env = log_dir, env
         self.procs: dict[str, subprocess.Popen] = {}
+        self.tail: dict[str, deque[str]] = {}
         if log_dir:
             log_dir.mkdir(parents=True, exist_ok=True)
 
     def start(self, name: str, command: list[str], **env: str) -> subprocess.Popen:
-        log = (self.log_dir / f"{name}.log").open("ab") if self.log_dir else None
+        log = (self.log_dir / f"{name}.log").open("ab") if self.log_dir else subprocess.PIPE
         try:
-            proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log and subprocess.STDOUT,
-                                    env={**self.env, **env}, start_new_session=True)
+            proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                    env={**self.env, **env}, start_new_session=True, preexec_fn=_die_with_parent)
         finally:
-            if log:
+            if self.log_dir:
                 log.close()  # the child holds its own copy
         self.procs[name] = proc
+        if not self.log_dir:
+            self.tail[name] = deque(maxlen=50)
+            threading.Thread(target=self._relay, args=(name, proc), daemon=True).start()
         return proc
+
+    def _relay(self, name: str, proc: subprocess.Popen) -> None:
+        for raw in proc.stdout:
+            line = raw.decode(errors="replace").rstrip()
+            self.tail[name].append(line)
+            print(f"[{name}] {line}", flush=True)
 
     def check(self, name: str) -> None:
         """A one-line error if process ``name`` has ended."""
@@ -121,6 +138,15 @@ class Processes:
 
     def __exit__(self, *exc: object) -> None:
         self.stop_all()
+
+
+def _die_with_parent() -> None:
+    """In the child (Linux): SIGTERM when the process that started it dies, even by
+    SIGKILL, so no SuperLink or SuperNode outlives a killed `fedtune deploy local`."""
+    try:
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: stop_all and signal handlers must do
+        pass
 
 
 def stop_on_sigterm() -> None:

@@ -42,14 +42,17 @@ CLIENT_APP = "fedtune.app.client:app"
 log = logging.getLogger("fedtune.worker")
 
 
-def serve(runtime_api_address: str, poll_s: float = 0.1) -> None:
+def serve(runtime_api_address: str, poll_s: float = 0.5) -> None:
     """Acquire and run the SuperNode's ClientApp tasks, one at a time, forever."""
     acquirer = _client(runtime_api_address, RuntimeVersionHttpInterceptor(component_name="SuperExec"))
     request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
     while True:
-        reply = acquirer.AcquireTask(request)
+        reply = acquirer.AcquireTask(request)  # fails, ending this process, only when the SuperNode is gone
         if reply.HasField("task") and reply.token:
-            run_task(runtime_api_address, reply.token)
+            try:
+                run_task(runtime_api_address, reply.token)
+            except Exception:  # one task's trouble (e.g. its run was stopped meanwhile) must not end the worker
+                log.exception("task failed")
         else:
             time.sleep(poll_s)
 
@@ -75,14 +78,13 @@ def run_task(runtime_api_address: str, token: str) -> None:
         details = f"{type(exc)}:<'{exc}'>"
         if message is not None:
             reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details), reply_to=message)
+    try:
+        if reply is not None and context is not None:
+            push_message(client, reply, context)
     finally:
-        try:
-            if reply is not None and context is not None:
-                push_message(client, reply, context)
-        finally:
-            heartbeat.stop()
-            push_task_output(client, context, status, details)
-            client.close()
+        heartbeat.stop()
+        push_task_output(client, context, status, details)
+        client.close()
 
 
 def _client(address: str, *interceptors) -> RuntimeHttpClient:
