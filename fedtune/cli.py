@@ -134,8 +134,7 @@ def _deploy(args: argparse.Namespace) -> int:
         if args.resume:
             raise FedtuneError("--resume runs with the run directory's own config.toml: drop --clients")
         args.overrides.append(f"partition.num_clients={args.clients}")
-    config, run_dir = _prepare(args)
-    summary = commands.run_job(args, config, run_dir)
+    summary, run_dir = commands.run_job(args, lambda: _prepare(args))
     print(report.summary_table(summary))
     print(f"results: {run_dir}")
     return 0

@@ -43,9 +43,9 @@ def create(certs_dir: Path, nodes: list[str], sans: list[str] = (), days: int = 
     if not (certs_dir / CA).exists():
         written += _write_ca(certs_dir, days)
     ca_cert, ca_key = load_cert(certs_dir / CA), _load_pem_key(certs_dir / CA_KEY)
-    server = certs_dir / SERVER
-    if not server.exists() or _expired(load_cert(server)) or not _covers(load_cert(server), sans):
-        written += _write_server(certs_dir, ca_cert, ca_key, [*LOOPBACK, *sans], days)
+    server, hosts = certs_dir / SERVER, [*LOOPBACK, *sans]
+    if not server.exists() or _expired(load_cert(server)) or not _covers(load_cert(server), hosts):
+        written += _write_server(certs_dir, ca_cert, ca_key, hosts, days)
     for name in nodes:
         if not (certs_dir / NODES / name).exists():
             written += create_node_key(certs_dir / NODES, name)

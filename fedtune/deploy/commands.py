@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -50,18 +50,21 @@ def deploy_node(args: argparse.Namespace) -> int:
     return services.run_node(args.superlink, args.ca, args.key, node_config, args.port, args.flwr_home)
 
 
-def run_job(args: argparse.Namespace, config: RunConfig, run_dir: Path) -> dict:
-    """`deploy local` (start the topology here) or `deploy submit` (use a running one)."""
+def run_job(args: argparse.Namespace, prepare: Callable[[], tuple[RunConfig, Path]]) -> tuple[dict, Path]:
+    """`deploy submit` (to a running SuperLink, checked before ``prepare`` makes the
+    run directory) or `deploy local` (start the topology here): (summary, run directory)."""
     stop_on_sigterm()
     if args.action == "submit":
         with _flwr(args) as flwr:
-            return run_to_end(flwr, run_dir, bool(args.resume))
+            config, run_dir = prepare()
+            return run_to_end(flwr, run_dir, bool(args.resume)), run_dir
+    config, run_dir = prepare()
     devices = device_names(config.hardware, config.partition.num_clients, config.run.seed) if config.hardware.modelled else []
     node_configs = [{"partition-id": i, **({"device": devices[i]} if devices else {})} for i in range(config.partition.num_clients)]
     federation = LocalFederation(args.state, node_configs, warm=not args.per_message_clientapp,
                                  threads=config.simulation.cpus_per_client)
     with federation:
-        return federation.run(run_dir, bool(args.resume))
+        return federation.run(run_dir, bool(args.resume)), run_dir
 
 
 @contextmanager

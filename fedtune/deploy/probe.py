@@ -11,8 +11,9 @@ from pathlib import Path
 
 from fedtune.errors import FedtuneError
 
-# OpenSSL's verify codes for the cases a user can fix.
-EXPIRED, HOSTNAME_MISMATCH = 10, 62
+# OpenSSL's verify codes for the cases a user can fix: an expired certificate, one
+# that names other hosts (host name, IP address).
+EXPIRED, NAME_MISMATCH = 10, (62, 64)
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -35,7 +36,7 @@ def check_tls_endpoint(address: str, ca: Path, timeout: float = 5.0) -> None:
         if exc.verify_code == EXPIRED:
             raise FedtuneError(f"the server at {address} presents an expired certificate; "
                                "reissue it with `fedtune certs create` and restart the SuperLink") from None
-        if exc.verify_code == HOSTNAME_MISMATCH:
+        if exc.verify_code in NAME_MISMATCH:
             raise FedtuneError(f"the server certificate at {address} is not valid for {host!r}; "
                                f"reissue it with `fedtune certs create DIR --san {host}`") from None
         raise FedtuneError(f"the server at {address} presents a certificate not signed by {ca} "
