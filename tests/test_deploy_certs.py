@@ -78,7 +78,7 @@ def _expire(path, ca_dir):
     cert = certs.load_cert(path)
     signer = serialization.load_pem_private_key((ca_dir / certs.CA_KEY).read_bytes(), None)
     now = dt.datetime.now(dt.timezone.utc)
-    builder = x509.CertificateBuilder(cert.subject, cert.issuer, cert.public_key(), cert.serial_number,
+    builder = x509.CertificateBuilder(cert.issuer, cert.subject, cert.public_key(), cert.serial_number,
                                       now - dt.timedelta(days=10), now - dt.timedelta(days=1), list(cert.extensions))
     path.write_bytes(builder.sign(signer, hashes.SHA384()).public_bytes(serialization.Encoding.PEM))
 
