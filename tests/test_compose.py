@@ -67,6 +67,9 @@ def test_topology(compose):
     # The submitted config federates exactly these nodes.
     config = services["submit"]["command"][0].replace("/app/", f"{ROOT}/")
     assert tomllib.loads(Path(config).read_text())["partition"]["num_clients"] == len(nodes)
+    # The run directory `submit` prepares is where the ServerApp reads and writes it: one volume, one path.
+    assert "results:/data" in services["submit"]["volumes"] and "results:/data" in services["serverapp"]["volumes"]
+    assert services["submit"]["working_dir"] == "/data"
     ports = services["superlink"]["ports"]
     assert "9092:9092" in ports and "127.0.0.1:9093:9093" in ports  # the unauthenticated Control API stays local
 
