@@ -1,7 +1,8 @@
 """The deployment topology as real processes on loopback: a SuperLink with TLS and
 SuperNode authentication, three SuperNodes with registered keys, each served by a
-long-running ClientApp worker; runs submitted with `flwr run`. One federation
-serves every test of this module; the last one kills a node."""
+long-running ClientApp worker; runs submitted with `flwr run`, 2 rounds each:
+FedIT (equal to the simulation), Fed-SB, FedKSeed, and FLoRA with a node killed
+mid-round. One federation serves every test of this module; the last kills a node."""
 
 import _thread
 import json
@@ -17,6 +18,7 @@ from fedtune import report
 from fedtune.cli import main
 from fedtune.deploy import certs, services
 from fedtune.deploy.local import LocalFederation
+from fedtune.deploy.topology import node_config
 from fedtune.methods import get_method
 from fedtune.simulation import run_simulation
 from fedtune.task import load_model
@@ -44,7 +46,7 @@ def _wait_for(condition, timeout=300):
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory):
     state = tmp_path_factory.mktemp("deploy")
-    with LocalFederation(state, [{"partition-id": i} for i in range(CLIENTS)]) as fed:
+    with LocalFederation(state, [node_config(i) for i in range(CLIENTS)]) as fed:
         yield fed
 
 
@@ -107,7 +109,7 @@ def test_fedkseed_deployed(federation, tmp_path):
 def test_an_unregistered_node_is_refused(federation):
     key = federation.state / "rogue"
     certs.create_node_key(federation.state, "rogue")  # a valid key the SuperLink never saw
-    federation.start_node("rogue", key, {"partition-id": 0})
+    federation.start_node("rogue", key, node_config(0))
     assert federation.procs.procs["rogue"].wait(60) != 0
     assert services.REFUSED in (federation.procs.log_dir / "rogue.log").read_text()
     assert federation.flwr.online_nodes() == CLIENTS
@@ -131,7 +133,9 @@ def test_an_interrupted_run_resumes_to_the_simulation_numbers(federation, simula
 
 
 def test_a_node_killed_mid_round_does_not_stop_the_run(federation, tmp_path):
-    config = small_config(tmp_path, federation={"timeout_s": 20.0}, train={"local_steps": 5})
+    # FLoRA, the stacking family: the two survivors' adapters are stacked each round.
+    config = small_config(tmp_path, federation={"method": "flora", "timeout_s": 20.0}, lora={"client_ranks": [2, 4, 8]},
+                          train={"local_steps": 5})
     run_dir = report.create_run_dir(config)
     log = federation.procs.log_dir / "node-2.log"
     seen = log.read_text().count("Receiving: train message")
@@ -148,3 +152,5 @@ def test_a_node_killed_mid_round_does_not_stop_the_run(federation, tmp_path):
     uplinks = {r: {t["client"] for t in ledger if t["round"] == r and t["direction"] == "up"} for r in (1, 2)}
     assert uplinks == {1: {"client-0", "client-1"}, 2: {"client-0", "client-1"}}
     assert [r["aggregated"] for r in rows[1:]] == [2, 2] and summary["client_rounds"] == 4
+    down = {(t["round"], t["client"]): t["payload_bytes"] for t in ledger if t["direction"] == "down"}
+    assert down[2, "client-0"] > down[1, "client-0"]  # round 2 carries round 1's stacked factors (ranks 2 + 4)

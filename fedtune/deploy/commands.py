@@ -14,7 +14,7 @@ from fedtune.deploy import certs, probe, services
 from fedtune.deploy.flwr_cli import FlwrCli
 from fedtune.deploy.local import LocalFederation
 from fedtune.deploy.submit import run_to_end
-from fedtune.deploy.topology import stop_on_sigterm
+from fedtune.deploy.topology import node_config, stop_on_sigterm
 from fedtune.hardware.profiles import device_names
 
 
@@ -46,8 +46,8 @@ def deploy_superlink(args: argparse.Namespace) -> int:
 
 
 def deploy_node(args: argparse.Namespace) -> int:
-    node_config = {"partition-id": args.partition_id, **({"device": args.device} if args.device else {})}
-    return services.run_node(args.superlink, args.ca, args.key, node_config, args.port, args.flwr_home)
+    return services.run_node(args.superlink, args.ca, args.key, node_config(args.partition_id, args.device),
+                             args.port, args.flwr_home)
 
 
 def run_job(args: argparse.Namespace, prepare: Callable[[], tuple[RunConfig, Path]]) -> tuple[dict, Path]:
@@ -59,8 +59,9 @@ def run_job(args: argparse.Namespace, prepare: Callable[[], tuple[RunConfig, Pat
             config, run_dir = prepare()
             return run_to_end(flwr, run_dir, bool(args.resume)), run_dir
     config, run_dir = prepare()
-    devices = device_names(config.hardware, config.partition.num_clients, config.run.seed) if config.hardware.modelled else []
-    node_configs = [{"partition-id": i, **({"device": devices[i]} if devices else {})} for i in range(config.partition.num_clients)]
+    clients = config.partition.num_clients
+    devices = device_names(config.hardware, clients, config.run.seed) if config.hardware.modelled else [""] * clients
+    node_configs = [node_config(i, device) for i, device in enumerate(devices)]
     federation = LocalFederation(args.state, node_configs, warm=not args.per_message_clientapp,
                                  threads=config.simulation.cpus_per_client)
     with federation:

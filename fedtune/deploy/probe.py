@@ -16,6 +16,10 @@ from fedtune.errors import FedtuneError
 EXPIRED, NAME_MISMATCH = 10, (62, 64)
 
 
+class Unreachable(FedtuneError):
+    """Nothing answers at the address (yet)."""
+
+
 def split_address(address: str) -> tuple[str, int]:
     """``host:port`` or ``[v6]:port`` into (host, port)."""
     host, sep, port = address.rpartition(":")
@@ -45,4 +49,4 @@ def check_tls_endpoint(address: str, ca: Path, timeout: float = 5.0) -> None:
         raise FedtuneError(f"TLS handshake with {address} failed ({exc.reason}); is it a SuperLink with TLS?") from None
     except OSError as exc:  # refused, unreachable, timed out, unknown host
         reason = exc.strerror or str(exc) or type(exc).__name__
-        raise FedtuneError(f"nothing answers at {address} ({reason}); check the address and that the SuperLink runs") from None
+        raise Unreachable(f"nothing answers at {address} ({reason}); check the address and that the SuperLink runs") from None

@@ -27,7 +27,7 @@ def run_to_end(flwr: FlwrCli, run_dir: Path, resume: bool = False, alive: Callab
     """Run the job in ``run_dir`` on the federation; returns its summary. ``alive``
     raises if a process the run needs has died. Ctrl-C stops the run on the SuperLink."""
     run_id = flwr.submit(APP, {"run-dir": str(run_dir.resolve()), "resume": resume})
-    print(f"run {run_id} submitted; run directory: {run_dir}", flush=True)
+    print(f"run {run_id} submitted to the SuperLink", flush=True)
     shown = checkpoint.load(run_dir)["round"] if resume else -1  # the last round printed
     status, details, checked = "", "", 0.0
     try:

@@ -64,6 +64,11 @@ def supernode_command(superlink: str, ca: Path, key: Path, node_config: dict[str
     ]
 
 
+def node_config(partition_id: int, device: str = "") -> dict[str, int | str]:
+    """A SuperNode's node config: its data partition and, if it declares one, its device profile."""
+    return {"partition-id": partition_id, **({"device": device} if device else {})}
+
+
 def worker_command(port: int) -> list[str]:
     return [sys.executable, "-m", "fedtune.deploy.worker", "--runtime-api-address", f"127.0.0.1:{port}"]
 
