@@ -23,5 +23,5 @@ def run_centralized(config: RunConfig) -> EvalResult:
     t = config.train
     seed = derive_seed(config.run.seed, 0, 1 << 20)  # not any client's (round, partition) seed
     steps = centralized_steps(config)
-    train_steps(model, classifier, train, steps, t.batch_size, t.lr, t.weight_decay, seed, progress=True)
+    train_steps(model, classifier, train, steps, t, seed, progress=True)
     return evaluate(model, classifier, test, t.eval_batch_size)

@@ -16,6 +16,10 @@ def main(argv: list[str] | None = None) -> int:
     _job_arguments(run)
     run.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     run.set_defaults(func=_run)
+    compare = sub.add_parser("compare", help="run a grid of federated runs and compare accuracy against bytes")
+    compare.add_argument("config", help="compare file: [compare], [grid] and friends (see simulations/compare.toml)")
+    compare.add_argument("--list", action="store_true", help="list the grid's cells and exit")
+    compare.set_defaults(func=_compare)
     _deploy_parsers(sub)
     args = parser.parse_args(argv)
     try:
@@ -138,6 +142,27 @@ def _deploy(args: argparse.Namespace) -> int:
     print(report.summary_table(summary))
     print(f"results: {run_dir}")
     return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from fedtune.compare.grid import load_comparison
+    from fedtune.compare.report import write_report
+    from fedtune.compare.runner import cell_dir, run_cells
+
+    comparison = load_comparison(args.config)
+    print(f"{len(comparison.cells)} cells over {', '.join(comparison.axes) or 'no varying axis'}; "
+          f"{len(comparison.refused)} refused by the config check; results: {comparison.output_dir}")
+    for label, reason in comparison.refused.items():
+        print(f"  not run: {label}: {reason}")
+    if args.list:
+        for cell in comparison.cells:
+            print(f"  {cell.label}: {' '.join(cell.overrides)}  [{cell_dir(comparison, cell)}]")
+        return 0
+    results = run_cells(comparison)
+    report = write_report(comparison, results)
+    print((comparison.output_dir / "table.md").read_text())
+    print(f"report: {report}")
+    return 1 if any(r.run_dir is None for r in results) else 0
 
 
 if __name__ == "__main__":

@@ -82,6 +82,8 @@ class FederationSection:
 class TrainSection:
     local_steps: int = 10
     batch_size: int = 8
+    # "adamw", or "sgd": DP-SGD's noise, normalised per coordinate by AdamW, swamps a small batch's signal.
+    optimizer: str = "adamw"
     lr: float = 5e-4
     weight_decay: float = 0.0
     eval_batch_size: int = 32
@@ -184,6 +186,7 @@ class RunConfig:
 
 PARTITION_SCHEMES = ("iid", "dirichlet", "quantity")
 PRIVACY_MODES = ("none", "client", "sample")
+OPTIMIZERS = ("adamw", "sgd")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
@@ -203,18 +206,27 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
 
 
 def from_dict(raw: dict[str, Any]) -> RunConfig:
-    sections = {f.name: f.type for f in dataclasses.fields(RunConfig)}
-    hints = typing.get_type_hints(RunConfig)
-    built = {}
-    for name, values in raw.items():
-        if name not in sections:
-            raise FedtuneError(f"unknown config section [{name}]; allowed: {', '.join(sections)}")
-        if not isinstance(values, dict):
-            raise FedtuneError(f"config [{name}] must be a table of keys")
-        built[name] = _build_section(name, hints[name], values)
-    config = RunConfig(**built)
+    config = RunConfig(**{name: _section(name, values) for name, values in raw.items()})
     validate(config)
     return config
+
+
+def check_override(item: str) -> None:
+    """Raise if a ``section.key=value`` override names no key or has the wrong type;
+    its range and its fit with the other keys are checked with the whole config."""
+    raw: dict[str, Any] = {}
+    _apply_override(raw, item)
+    for name, values in raw.items():
+        _section(name, values)
+
+
+def _section(name: str, values: Any) -> Any:
+    hints = typing.get_type_hints(RunConfig)
+    if name not in hints:
+        raise FedtuneError(f"unknown config section [{name}]; allowed: {', '.join(hints)}")
+    if not isinstance(values, dict):
+        raise FedtuneError(f"config [{name}] must be a table of keys")
+    return _build_section(name, hints[name], values)
 
 
 def _build_section(section: str, cls: type, values: dict[str, Any]) -> Any:
@@ -306,6 +318,7 @@ def validate(c: RunConfig) -> None:
     _require(c.federation.max_update_norm >= 0, "federation.max_update_norm", ">= 0 (0 = no bound)", c.federation.max_update_norm)
     _require(c.train.local_steps >= 1, "train.local_steps", ">= 1", c.train.local_steps)
     _require(c.train.batch_size >= 1, "train.batch_size", ">= 1", c.train.batch_size)
+    _require(c.train.optimizer in OPTIMIZERS, "train.optimizer", f"one of {OPTIMIZERS}", c.train.optimizer)
     _require(c.train.lr > 0, "train.lr", "> 0", c.train.lr)
     _require(c.train.weight_decay >= 0, "train.weight_decay", ">= 0", c.train.weight_decay)
     _require(c.train.eval_batch_size >= 1, "train.eval_batch_size", ">= 1", c.train.eval_batch_size)
@@ -353,6 +366,7 @@ def validate(c: RunConfig) -> None:
         h.devices,
     )
     _require(h.deadline_s >= 0, "hardware.deadline_s", ">= 0 (0 = no deadline)", h.deadline_s)
+    _require(h.modelled or not h.deadline_s, "hardware.deadline_s", "0 unless hardware.mix or hardware.devices", h.deadline_s)
     _require(h.stragglers in ("drop", "partial"), "hardware.stragglers", "'drop' or 'partial'", h.stragglers)
     _require(h.rank_choices and all(r >= 1 for r in h.rank_choices), "hardware.rank_choices", "ranks >= 1", h.rank_choices)
     _require(

@@ -144,12 +144,27 @@ def finish(run_dir: Path, rows: list[dict], summary: dict) -> None:
     plot_accuracy_vs_bytes(rows, run_dir / "accuracy_vs_bytes.png", summary)
 
 
-def plot_accuracy_vs_bytes(rows: list[dict], path: Path, summary: dict) -> None:
+def pyplot():
+    """matplotlib's pyplot on the file-only backend (no display on servers)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_figure(fig, path: Path) -> None:
+    """Write ``fig`` as PNG atomically and free it."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.tight_layout()
+    fig.savefig(tmp, dpi=120, format="png")
+    os.replace(tmp, path)
+    pyplot().close(fig)
+
+
+def plot_accuracy_vs_bytes(rows: list[dict], path: Path, summary: dict) -> None:
+    plt = pyplot()
     total = [(r["cum_bytes_down"] + r["cum_bytes_up"]) / 1e6 for r in rows]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(total, [r["accuracy"] for r in rows], marker="o", label=summary["method"])
@@ -163,11 +178,7 @@ def plot_accuracy_vs_bytes(rows: list[dict], path: Path, summary: dict) -> None:
     ax.set_title(f"{summary['method']} on {summary['model']}")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=120, format="png")
-    os.replace(tmp, path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def summary_table(summary: dict) -> str:

@@ -10,9 +10,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from fedtune.config import TrainSection
 from fedtune.data import TextDataset
 from fedtune.models import Classifier
 from fedtune.privacy.dp_sgd import DPSGD, make_private, poisson_batches
+
+
+OPTIMIZER_CLASSES = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 
 
 @dataclass(frozen=True)
@@ -46,25 +50,23 @@ def train_steps(
     classifier: Classifier,
     data: TextDataset,
     steps: int,
-    batch_size: int,
-    lr: float,
-    weight_decay: float,
+    train: TrainSection,
     seed: int,
     progress: bool = False,
     dp: DPSGD | None = None,
 ) -> TrainStats:
-    """Run ``steps`` AdamW steps on the trainable parameters. With ``dp``, the
-    steps are DP-SGD steps on Poisson-sampled batches.
+    """Run ``steps`` steps of ``train.optimizer`` on the trainable parameters. With
+    ``dp``, they are DP-SGD steps on Poisson-sampled batches.
 
     The optimizer is fresh every call: local optimizer state does not survive a
     round, as in FedAvg-style methods."""
     torch.manual_seed(seed)  # dropout
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    forward, batches = model, batch_order(len(data), steps, batch_size, seed)
+    optimizer = OPTIMIZER_CLASSES[train.optimizer](params, lr=train.lr, weight_decay=train.weight_decay)
+    forward, batches = model, batch_order(len(data), steps, train.batch_size, seed)
     if dp is not None:
-        forward, optimizer = make_private(model, optimizer, dp, batch_size, seed)
-        batches = poisson_batches(len(data), steps, batch_size, seed)
+        forward, optimizer = make_private(model, optimizer, dp, train.batch_size, seed)
+        batches = poisson_batches(len(data), steps, train.batch_size, seed)
     model.train()
     losses, tokens, sequences = [], 0, 0
     for idx in tqdm(batches, desc="steps", leave=False, disable=not progress):

@@ -20,6 +20,7 @@ BAD = [
     ("[federation]\ntimeout_s = 0", "federation.timeout_s"),
     ("[train]\nbatch_size = 0", "train.batch_size"),
     ("[train]\nlr = -0.1", "train.lr"),
+    ("[train]\noptimizer = \"adam\"", "train.optimizer"),
     ("[lora]\ndropout = 1.0", "lora.dropout"),
     ("[lora]\nclient_ranks = [4, 8]", "lora.client_ranks"),
     ("[fedkseed]\nencoding = 'dense'", "fedkseed.encoding"),

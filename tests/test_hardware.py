@@ -1,6 +1,7 @@
 """The hardware model: profiles, time and memory arithmetic on hand-checked cases,
 the planner's choices at its edges, a reproducible schedule, and bad input."""
 
+import dataclasses
 import json
 
 import pytest
@@ -201,6 +202,33 @@ def test_partial_stragglers_get_the_steps_that_fit(tmp_path):
     talk = 2 * 8 * 1_000_000 / 100e6
     assert fleet.steps_within_deadline("client-0", 1_000_000) == min(3, int((20.0 - talk) // per_step))
     assert fleet.steps_within_deadline("client-1", 1_000_000) == 3  # fast: the full round fits
+
+
+def test_a_device_is_up_in_the_same_rounds_whoever_else_is_eligible(tmp_path):
+    """Methods that exclude different devices still see the same availability
+    schedule for the devices they share: a fair comparison."""
+    fleet = Fleet(_fleet_config(tmp_path), load_model(small_config(tmp_path)))
+    for device in fleet.devices.values():
+        object.__setattr__(device, "availability", 0.5)
+    before = {rnd: fleet.participants(rnd) for rnd in range(1, 40)}
+    fleet.plans["client-0"] = dataclasses.replace(fleet.plans["client-0"], kind="excluded")
+    after = {rnd: fleet.participants(rnd) for rnd in range(1, 40)}
+    assert after == {rnd: [c for c in clients if c != "client-0"] for rnd, clients in before.items()}
+    assert any("client-0" in clients for clients in before.values())
+
+
+@pytest.mark.parametrize("deadline_s", [0.0, 20.0])
+def test_when_every_client_fails_the_round_lasts_until_the_last_failure_or_the_deadline(tmp_path, deadline_s):
+    fleet = Fleet(_fleet_config(tmp_path, deadline_s=deadline_s), load_model(small_config(tmp_path)))
+    for device in fleet.devices.values():
+        object.__setattr__(device, "failure", 1.0)
+    times = {"client-0": ClientTime(1, 40, 1), "client-1": ClientTime(1, 10, 1)}
+    at = failures(fleet.devices, list(times), fleet.config.run.seed, 1)
+    kept, metrics = fleet.settle(1, times)
+    last_failure = max(times[c].total_s * at[c] for c in times)
+    assert kept == [] and metrics["failed"] == 2
+    assert metrics["sim_round_s"] == pytest.approx(min(last_failure, deadline_s or last_failure))
+    assert deadline_s == 0 or last_failure > deadline_s  # the seed makes the cap bite
 
 
 @pytest.mark.integration

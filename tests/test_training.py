@@ -1,7 +1,9 @@
 import numpy as np
+import torch
 
 from fedtune.methods.lora import wrap_with_lora
 from fedtune.task import load_model, load_splits
+from fedtune.config import TrainSection
 from fedtune.training import batch_order, evaluate, train_steps
 
 
@@ -20,9 +22,29 @@ def test_training_fits_a_small_set(config):
     classifier = load_model(config)
     model = wrap_with_lora(classifier, config.lora, seed=0)
     before = evaluate(model, classifier, few, batch_size=8)
-    stats = train_steps(model, classifier, few, steps=30, batch_size=8, lr=3e-3, weight_decay=0.0, seed=0)
+    stats = train_steps(model, classifier, few, steps=30, train=TrainSection(batch_size=8, lr=3e-3), seed=0)
     after = evaluate(model, classifier, few, batch_size=8)
     batches = [classifier.encode([few.texts[i] for i in idx]) for idx in batch_order(16, 30, 8, 0)]
     assert stats.tokens == sum(b["input_ids"].numel() for b in batches) and stats.sequences == 240
     assert after.loss < before.loss * 0.5
     assert after.accuracy == 1.0
+
+
+def test_sgd_takes_plain_gradient_steps(config):
+    """train.optimizer = "sgd": the adapter moves by exactly -lr * gradient."""
+    train, _ = load_splits(config)
+    few = train.subset(np.arange(4))
+    classifier = load_model(config)
+    model = wrap_with_lora(classifier, config.lora, seed=0)
+    lora_b = next(p for n, p in model.named_parameters() if "lora_B" in n)
+    lora_b.data.normal_()  # B starts at zero, where A has no gradient
+    idx = batch_order(4, 1, 4, 0)[0]
+    model.train()
+    torch.manual_seed(0)  # the same dropout masks as train_steps draws
+    torch.nn.functional.cross_entropy(model(**classifier.encode([few.texts[i] for i in idx])).logits, torch.as_tensor(few.labels[idx])).backward()
+    expected = {n: p.detach() - 0.1 * p.grad for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    train_steps(model, classifier, few, steps=1, train=TrainSection(optimizer="sgd", batch_size=4, lr=0.1), seed=0)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.detach(), expected[n], rtol=1e-4, atol=1e-6)

@@ -79,9 +79,11 @@ class Fleet:
         return reasons
 
     def participants(self, rnd: int) -> list[str]:
-        """Eligible clients whose devices are available this round."""
-        eligible = self.eligible()
-        return available({c: self.devices[c] for c in eligible}, self.config.run.seed, rnd)
+        """Eligible clients whose devices are available this round. Availability is
+        drawn for every device, so a device is up in the same rounds whichever
+        method (and so whichever set of eligible clients) a run has."""
+        eligible = set(self.eligible())
+        return [c for c in available(self.devices, self.config.run.seed, rnd) if c in eligible]
 
     def steps_within_deadline(self, client: str, down_bytes: int) -> int:
         """Local steps ``client`` can finish before hardware.deadline_s (partial
@@ -119,8 +121,9 @@ class Fleet:
         for client in stragglers:
             log.warning("round %d: %s dropped: %.0f s past the %.0f s deadline (simulated %s)", rnd, client,
                         times[client].total_s - self.config.hardware.deadline_s, self.config.hardware.deadline_s, self.devices[client].name)
-        if failed and not finished:  # everyone failed: the server waited for the last failure
+        if failed and not finished:  # everyone failed: the server waited for the last failure, or the deadline
             seconds = max(times[c].total_s * at for c, at in failed.items())
+            seconds = min(seconds, self.config.hardware.deadline_s or seconds)
         self.clock += seconds
         kept = sorted(c for c in finished if c not in stragglers)
         metrics = {"sim_round_s": seconds, "sim_time_s": self.clock, "failed": len(failed), "stragglers": len(stragglers)}

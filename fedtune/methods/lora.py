@@ -57,7 +57,7 @@ def train_adapter(model: PeftModel, classifier: Classifier, job: ClientJob, t: T
     """Local training of ``model``'s trainable tensors, by DP-SGD if the job says
     so; the result also holds where they started, against which DP clips."""
     start = trainable_state(model)
-    stats = train_steps(model, classifier, job.data, job.local_steps or t.local_steps, t.batch_size, t.lr, t.weight_decay, job.seed, dp=job.dp_sgd)
+    stats = train_steps(model, classifier, job.data, job.local_steps or t.local_steps, t, job.seed, dp=job.dp_sgd)
     # FedAvg weights by local dataset size, not by examples processed.
     return LocalResult(trainable_state(model), len(job.data), stats.metrics(), start)
 

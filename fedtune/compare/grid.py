@@ -1,0 +1,212 @@
+"""The `fedtune compare` file and its expansion into cells: each cell is one
+`fedtune run` of the base config with a few ``section.key=value`` overrides.
+
+    [compare]
+    config = "default.toml"          # the base run config, relative to this file
+    target_accuracy = 0.8             # rounds, bytes and time to reach it (0: none)
+    set = ["run.rounds=3"]           # overrides for every cell
+    [grid]                            # axes; the cells are their product
+    method = ["fedit", "fed_sb"]
+    rank = [4, 8]                     # lora.rank (not FedKSeed's: it has no adapter)
+    uplink = ["none", "topk:0.05,int8"]
+    privacy = ["none", "sample:8"]   # MODE:EPSILON
+    mix = ["none", "fleet"]          # names of [mixes] tables
+    seed = [0, 1, 2]
+    [methods]                         # overrides for the cells of one method
+    fed_sb = ["lora.rank=16"]
+    [mixes]
+    fleet = {phone = 0.5, laptop = 0.3, consumer_gpu = 0.2}
+    [axes.deadline]                   # any other axis: named override lists
+    none = []
+    "60 s" = ["hardware.deadline_s=60"]
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedtune.config import check_override, load_config
+from fedtune.errors import FedtuneError
+from fedtune.methods import get_method
+
+AXES = ("method", "rank", "uplink", "downlink", "privacy", "mix", "seed")
+TABLES = ("compare", "grid", "methods", "mixes", "axes")
+COMPARE_KEYS = ("config", "output_dir", "target_accuracy", "parallel", "set")
+
+
+@dataclass(frozen=True)
+class Cell:
+    label: str  # unique and readable, e.g. "fed_sb r16 seed 1"
+    group: str  # the label without the seed: a group's seeds are averaged
+    values: dict[str, str]  # axis -> value, as shown in the table
+    overrides: tuple[str, ...]  # `fedtune run --set` arguments
+
+    @property
+    def slug(self) -> str:
+        return re.sub(r"[^A-Za-z0-9._]+", "-", self.label).strip("-")
+
+
+@dataclass(frozen=True)
+class Comparison:
+    source: Path  # the compare file
+    base_config: Path
+    output_dir: Path
+    target_accuracy: float
+    parallel: int
+    axes: list[str]  # the axes that vary, in table order
+    cells: list[Cell]
+    refused: dict[str, str]  # label -> why the config check refuses that combination
+
+
+def load_comparison(path: str | Path) -> Comparison:
+    """Read and expand a compare file; every mistake is one FedtuneError line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FedtuneError(f"compare file {path} does not exist")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise FedtuneError(f"compare file {path} is not valid TOML: {exc}") from None
+    _only(raw, TABLES, "table", "")
+    head = raw.get("compare", {})
+    _only(head, COMPARE_KEYS, "key", "compare.")
+    if "config" not in head:
+        raise FedtuneError("compare.config is missing: name the base run config")
+    base = (path.parent / head["config"]).resolve()
+    target = head.get("target_accuracy", 0.0)
+    if not isinstance(target, (int, float)) or not 0 <= target <= 1:
+        raise FedtuneError(f"compare.target_accuracy must be in [0, 1], got {target!r}")
+    parallel = head.get("parallel", 1)
+    if not isinstance(parallel, int) or parallel < 1:
+        raise FedtuneError(f"compare.parallel must be an integer >= 1, got {parallel!r}")
+    common = _strings(head.get("set", []), "compare.set")
+    axes = _axes(raw)
+    load_config(base)  # the base config's own mistakes, named as such
+    for override in {o for values in axes.values() for overrides in values.values() for o in overrides} | set(common):
+        try:  # a typo is an error; a combination the config check refuses is a refused cell
+            check_override(override)
+        except FedtuneError as exc:
+            raise FedtuneError(f"grid override {override!r}: {exc}") from None
+    varying = [a for a, values in axes.items() if len(values) > 1]
+    cells, refused = _expand(base, common, axes, varying)
+    out = Path(head.get("output_dir", f"runs/compare-{path.stem}"))
+    return Comparison(path, base, out, float(target), parallel, varying, cells, refused)
+
+
+def _expand(
+    base: Path, common: list[str], axes: dict[str, dict[str, list[str]]], varying: list[str]
+) -> tuple[list[Cell], dict[str, str]]:
+    """The product of the axes as cells, without duplicates, and the refused ones."""
+    cells, refused, seen = [], {}, set()
+    for combo in _product(axes):
+        values = {axis: name for axis, (name, _) in combo.items()}
+        if values.get("method") == "fedkseed" and "rank" in values:
+            values["rank"] = "-"  # no adapter: the rank axis does not apply
+        overrides = tuple(common) + tuple(
+            o for axis, (_, axis_overrides) in combo.items() if values[axis] != "-" for o in axis_overrides
+        )
+        if overrides in seen:
+            continue
+        seen.add(overrides)
+        shown = {a: _display(a, values[a]) for a in varying if values[a] != "-"}
+        label = " ".join(shown.values()) or "base"
+        group = " ".join(t for a, t in shown.items() if a != "seed") or "base"
+        try:
+            get_method(load_config(base, list(overrides)))  # the methods refuse some combinations themselves
+        except FedtuneError as exc:
+            refused[label] = str(exc)
+            continue
+        cells.append(Cell(label, group, values, overrides))
+    if not cells:
+        raise FedtuneError(f"no cell of the grid is a valid run config; for example {next(iter(refused.values()))}")
+    return cells, refused
+
+
+def _axes(raw: dict[str, Any]) -> dict[str, dict[str, list[str]]]:
+    """axis -> {value name -> overrides}, in AXES order, custom axes next, seed last."""
+    grid = raw.get("grid", {})
+    _only(grid, AXES, "axis", "grid.", hint="; other axes go in [axes.NAME]")
+    methods = raw.get("methods", {})
+    mixes = raw.get("mixes", {})
+    axes: dict[str, dict[str, list[str]]] = {}
+    for axis in grid:
+        values = grid[axis]
+        if not isinstance(values, list) or not values:
+            raise FedtuneError(f"grid.{axis} must be a non-empty list")
+        axes[axis] = {str(v): _axis_overrides(axis, v, methods, mixes) for v in values}
+    for name, options in raw.get("axes", {}).items():
+        if not isinstance(options, dict) or not options:
+            raise FedtuneError(f"[axes.{name}] must map value names to override lists")
+        axes[name] = {str(k): _strings(v, f"axes.{name}.{k}") for k, v in options.items()}
+    order = [*(a for a in AXES if a in axes and a != "seed"), *raw.get("axes", {}), *(["seed"] if "seed" in axes else [])]
+    axes = {a: axes[a] for a in order}
+    if not axes:
+        raise FedtuneError("the grid is empty: give [grid] at least one axis, e.g. method = [\"fedit\", \"fed_sb\"]")
+    unknown = set(methods) - set(map(str, grid.get("method", [])))
+    if unknown:
+        raise FedtuneError(f"[methods] names {sorted(unknown)}, which grid.method does not list")
+    return axes
+
+
+def _axis_overrides(axis: str, value: Any, methods: dict, mixes: dict) -> list[str]:
+    if axis == "method":
+        return [f"federation.method={value}", *_strings(methods.get(value, []), f"methods.{value}")]
+    if axis == "rank":
+        return [f"lora.rank={value}"]
+    if axis == "seed":
+        return [f"run.seed={value}"]
+    if axis in ("uplink", "downlink"):
+        chain = [] if value == "none" else str(value).split(",")
+        return [f"compression.{axis.removesuffix('link')}={json.dumps(chain)}"]
+    if axis == "privacy":
+        if value == "none":
+            return ["privacy.mode=none"]
+        mode, _, epsilon = str(value).partition(":")
+        if not epsilon:
+            raise FedtuneError(f"grid.privacy value {value!r}: write none or MODE:EPSILON, e.g. sample:8")
+        return [f"privacy.mode={mode}", f"privacy.epsilon={epsilon}"]
+    # mix
+    if value == "none":
+        return ["hardware.mix={}"]
+    if value not in mixes:
+        raise FedtuneError(f"grid.mix names {value!r}, which is not a [mixes] table")
+    shares = ", ".join(f"{k} = {v}" for k, v in mixes[value].items())
+    return [f"hardware.mix={{{shares}}}"]
+
+
+def _display(axis: str, value: str) -> str:
+    if axis == "rank":
+        return f"r{value}"
+    if axis in ("uplink", "downlink"):
+        return f"{axis.removesuffix('link')} {'float32' if value == 'none' else value}"
+    if axis == "privacy":
+        return "no DP" if value == "none" else f"{value.partition(':')[0]} DP eps {value.partition(':')[2]}"
+    if axis == "mix":
+        return "no fleet" if value == "none" else value
+    if axis == "method":
+        return value
+    return f"{axis} {value}"  # seed and the custom axes
+
+
+def _product(axes: dict[str, dict[str, list[str]]]) -> list[dict[str, tuple[str, list[str]]]]:
+    combos: list[dict[str, tuple[str, list[str]]]] = [{}]
+    for axis, options in axes.items():
+        combos = [{**c, axis: item} for c in combos for item in options.items()]
+    return combos
+
+
+def _only(table: dict, allowed: tuple[str, ...], what: str, prefix: str, hint: str = "") -> None:
+    unknown = sorted(set(table) - set(allowed))
+    if unknown:
+        raise FedtuneError(f"unknown {what} {prefix}{unknown[0]} in the compare file; allowed: {', '.join(allowed)}{hint}")
+
+
+def _strings(value: Any, key: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise FedtuneError(f"{key} must be a list of \"section.key=value\" strings")
+    return list(value)

@@ -1,0 +1,135 @@
+"""Everything `fedtune compare` writes into its output folder: table.csv, table.md,
+pareto.png, accuracy_vs_bytes.png, accuracy_vs_time.png and report.html, which
+holds them all (images inline) with the config that produced them."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+from fedtune.compare.grid import Comparison
+from fedtune.compare.runner import CellResult
+from fedtune.compare.table import Group, markdown, pareto_front, write_csv
+from fedtune.report import pyplot, save_figure, write_atomic
+
+PLOTS = {
+    "pareto.png": "Final accuracy against total bytes (down + up)",
+    "accuracy_vs_bytes.png": "Accuracy after each round against cumulative bytes",
+    "accuracy_vs_time.png": "Accuracy after each round against time",
+}
+
+
+def collect(results: list[CellResult]) -> list[Group]:
+    """Finished runs, grouped over seeds, in grid order."""
+    groups: dict[str, Group] = {}
+    for result in results:
+        if result.run_dir is None:
+            continue
+        cell = result.cell
+        group = groups.setdefault(cell.group, Group(cell.group, {a: v for a, v in cell.values.items() if a != "seed"}))
+        summary = json.loads((result.run_dir / "summary.json").read_text())
+        group.runs.append(summary | {"seed": cell.values.get("seed", "")})
+        group.curves.append([json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()])
+    return list(groups.values())
+
+
+def write_report(comparison: Comparison, results: list[CellResult]) -> Path:
+    """Write every output; returns the HTML report's path."""
+    out = comparison.output_dir
+    groups = collect(results)
+    failed = {r.cell.label: r.error for r in results if r.run_dir is None}
+    if not groups:
+        raise RuntimeError("no cell of the comparison finished; see the run.log files under " + str(out / "cells"))
+    axes = list(dict.fromkeys(a for r in results for a in r.cell.values))  # one-valued ones too
+    write_csv(groups, axes, out / "table.csv")
+    table = markdown(groups, failed, comparison.refused)
+    write_atomic(out / "table.md", table)
+    plot_pareto(groups, out / "pareto.png")
+    plot_curves(groups, out / "accuracy_vs_bytes.png", out / "accuracy_vs_time.png")
+    write_atomic(out / "report.html", _html(comparison, table))
+    return out / "report.html"
+
+
+def plot_pareto(groups: list[Group], path: Path) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    points = [(g.total_bytes, g.mean("final_accuracy")) for g in groups]
+    for g, (x, y) in zip(groups, points):
+        ax.errorbar(x, y, yerr=g.spread("final_accuracy") or None, fmt="o", capsize=3)
+        ax.annotate(g.name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
+    front = [points[i] for i in pareto_front(points)]
+    # The front as a staircase: from each point, what that many bytes buys at best.
+    ax.step([x for x, _ in front], [y for _, y in front], where="post", color="black", linewidth=1, label="Pareto front")
+    ax.set_xscale("log")
+    ax.set_xlabel("total bytes, down + up (log scale)")
+    ax.set_ylabel("final accuracy" + (" (mean ± std over seeds)" if max(len(g.runs) for g in groups) > 1 else ""))
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(loc="lower right")
+    save_figure(fig, path)
+
+
+def plot_curves(groups: list[Group], bytes_path: Path, time_path: Path) -> None:
+    """Accuracy per round, averaged over seeds, against cumulative bytes and time;
+    time is the simulated clock when every run models a fleet, else wall time."""
+    simulated = all("sim_time_s" in row for g in groups for curve in g.curves for row in curve[1:])
+    for path, x_of, label, log in (
+        (bytes_path, lambda r: r["cum_bytes_down"] + r["cum_bytes_up"], "cumulative bytes, down + up (log scale)", True),
+        (time_path, lambda r: r.get("sim_time_s", 0.0) if simulated else r["wall_time_s"],
+         "simulated time (s)" if simulated else "wall time (s), no fleet modelled", False),
+    ):
+        plt = pyplot()
+        fig, ax = plt.subplots(figsize=(8, 5))
+        for g in groups:
+            rounds = min(len(c) for c in g.curves)
+            xs = [sum(x_of(c[i]) for c in g.curves) / len(g.curves) for i in range(rounds)]
+            ys = [sum(c[i]["accuracy"] for c in g.curves) / len(g.curves) for i in range(rounds)]
+            start = 1 if log else 0  # round 0 (zero-shot) has spent no bytes
+            ax.plot(xs[start:], ys[start:], marker="o", markersize=3, label=g.name)
+        if log:
+            ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("held-out accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        save_figure(fig, path)
+
+
+def _html(comparison: Comparison, table: str) -> str:
+    out = comparison.output_dir
+    images = "".join(
+        f"<h2>{html.escape(title)}</h2><img alt='{name}' src='data:image/png;base64,"
+        f"{base64.b64encode((out / name).read_bytes()).decode()}'>"
+        for name, title in PLOTS.items()
+    )
+    configs = "".join(
+        f"<h3>{html.escape(str(p))}</h3><pre>{html.escape(p.read_text())}</pre>"
+        for p in (comparison.source, comparison.base_config)
+    )
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>fedtune compare</title><style>"
+        "body{font-family:sans-serif;max-width:1100px;margin:2em auto}pre{background:#f4f4f4;padding:1em;overflow:auto}"
+        "img{max-width:100%}table{border-collapse:collapse;font-size:90%}"
+        "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}td:first-child{text-align:left}</style></head><body>"
+        f"<h1>fedtune compare: {html.escape(comparison.source.name)}</h1>"
+        f"<h2>Table</h2>{_table_html(table)}{images}<h2>Configs</h2>{configs}</body></html>\n"
+    )
+
+
+def _table_html(markdown: str) -> str:
+    """table.md as HTML: its pipe table as a <table>, every other line a paragraph."""
+    parts, rows = [], []
+    for line in markdown.splitlines() + [""]:
+        if line.startswith("|"):
+            if not set(line) <= set("|-: "):  # skip the alignment row
+                rows.append([html.escape(c.strip()) for c in line.strip("|").split("|")])
+            continue
+        if rows:
+            head, *body = rows
+            parts.append("<table><tr>" + "".join(f"<th>{c}</th>" for c in head) + "</tr>"
+                         + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in body) + "</table>")
+            rows = []
+        if line.strip():
+            parts.append(f"<p>{html.escape(line.lstrip('- '))}</p>")
+    return "".join(parts)

@@ -1,0 +1,88 @@
+"""Run a comparison's cells, each a `fedtune run` in its own process (Ray, the model
+and its memory go away with it), logged to CELL_DIR/run.log. A finished cell is
+not run again and an interrupted one is resumed from its checkpoint, so rerunning
+`fedtune compare` after a crash finishes the grid."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedtune.checkpoint import CHECKPOINT
+from fedtune.compare.grid import Cell, Comparison
+
+ROUND_LINE = re.compile(r"(zero-shot|round \d+): accuracy .*")  # a run's per-round console line
+
+
+@dataclass(frozen=True)
+class CellResult:
+    cell: Cell
+    run_dir: Path | None  # None: the cell failed
+    error: str = ""
+
+
+def cell_dir(comparison: Comparison, cell: Cell) -> Path:
+    return comparison.output_dir / "cells" / cell.slug
+
+
+def finished_run(directory: Path) -> Path | None:
+    done = sorted(directory.glob("*/summary.json"))
+    return done[-1].parent if done else None
+
+
+def run_cells(comparison: Comparison, echo=print) -> list[CellResult]:
+    """Every cell finished, in grid order; ``comparison.parallel`` cells at a time,
+    splitting the machine's cores between them."""
+    cores = os.cpu_count() or 1
+    clients_each = max(1, cores // comparison.parallel)
+    total = len(comparison.cells)
+
+    def one(numbered: tuple[int, Cell]) -> CellResult:
+        i, cell = numbered
+        head = f"[{i}/{total}] {cell.label}"
+        directory = cell_dir(comparison, cell)
+        if run_dir := finished_run(directory):
+            echo(f"{head}: finished earlier")
+            return CellResult(cell, run_dir)
+        directory.mkdir(parents=True, exist_ok=True)
+        interrupted = sorted(p.parent for p in directory.glob(f"*/{CHECKPOINT}"))
+        if interrupted:
+            args = ["--resume", str(interrupted[-1])]
+            echo(f"{head}: resuming {interrupted[-1]}")
+        else:
+            overrides = [
+                *cell.overrides,
+                f"run.target_accuracy={comparison.target_accuracy}",
+                f"run.output_dir={json.dumps(str(directory))}",
+                f"simulation.max_parallel_clients={clients_each}",
+            ]
+            args = [str(comparison.base_config), *(a for o in overrides for a in ("--set", o))]
+            echo(f"{head}: running")
+        log = directory / "run.log"
+        started = time.perf_counter()
+        with log.open("a") as out, subprocess.Popen(
+            [sys.executable, "-m", "fedtune.cli", "run", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        ) as child:
+            for line in child.stdout:
+                out.write(line)
+                if progress := ROUND_LINE.search(line):  # after tqdm's carriage returns, if any
+                    echo(f"{head}: {progress.group(0).strip()}")
+        code = child.returncode
+        run_dir = finished_run(directory)
+        if code or run_dir is None:
+            last = log.read_text().strip().splitlines()[-1:] or ["no output"]
+            echo(f"{head}: FAILED (exit {code}): {last[0]}  [log: {log}]")
+            return CellResult(cell, None, last[0])
+        accuracy = json.loads((run_dir / "summary.json").read_text())["final_accuracy"]
+        echo(f"{head}: done in {time.perf_counter() - started:.0f} s, final accuracy {accuracy:.3f}")
+        return CellResult(cell, run_dir)
+
+    with ThreadPoolExecutor(max_workers=comparison.parallel) as pool:
+        return list(pool.map(one, enumerate(comparison.cells, start=1)))

@@ -1,0 +1,130 @@
+"""The comparison's numbers: one row per finished run (table.csv), one line per
+group of seeds with mean and spread (table.md), the Pareto front of accuracy
+against bytes, and which differences are larger than the seeds' spread."""
+
+from __future__ import annotations
+
+import csv
+import io
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fedtune.report import human_bytes, write_atomic
+
+COLUMNS = (  # summary.json keys, in table.csv order
+    "final_accuracy", "best_accuracy", "total_bytes_down", "total_bytes_up",
+    "bytes_per_client_round_down", "bytes_per_client_round_up", "rounds_to_target", "bytes_to_target",
+    "sim_time_s", "sim_time_to_target_s", "epsilon", "wall_time_s",
+)
+
+
+@dataclass
+class Group:
+    """The runs of one grid point, over seeds."""
+
+    name: str
+    values: dict[str, str]  # axis -> value, without the seed
+    runs: list[dict] = field(default_factory=list)  # summary.json of each seed
+    curves: list[list[dict]] = field(default_factory=list)  # metrics.jsonl rows of each seed
+
+    def mean(self, key: str) -> float | None:
+        xs = [r[key] for r in self.runs if r.get(key) is not None]
+        return statistics.fmean(xs) if len(xs) == len(self.runs) else None  # None: not every seed has it
+
+    def spread(self, key: str) -> float:
+        """Sample standard deviation over seeds; 0 with one seed."""
+        xs = [r[key] for r in self.runs if r.get(key) is not None]
+        return statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+    @property
+    def total_bytes(self) -> float:
+        return self.mean("total_bytes_down") + self.mean("total_bytes_up")
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the (cost, accuracy) points no other point beats: none costs no
+    more and is no less accurate, and better in one. Sorted by cost."""
+    front = [
+        i for i, (c, a) in enumerate(points)
+        if not any(c2 <= c and a2 >= a and (c2, a2) != (c, a) for c2, a2 in points)
+    ]
+    return sorted(front, key=lambda i: points[i])
+
+
+def verdict(groups: list[Group]) -> str:
+    """Name the most accurate group, and the groups its lead does not exceed the
+    spread over seeds for: those are not beaten."""
+    best = max(groups, key=lambda g: g.mean("final_accuracy"))
+    seeds = min(len(g.runs) for g in groups)
+    text = f"Highest mean final accuracy: {best.name} ({_pm(best, 'final_accuracy')})."
+    if seeds < 2:
+        return text + " One seed per cell: there is no spread to test differences against, so none is called a win."
+    tied = [
+        g.name for g in groups if g is not best
+        and best.mean("final_accuracy") - g.mean("final_accuracy") <= best.spread("final_accuracy") + g.spread("final_accuracy")
+    ]
+    if not tied:
+        return text + " It leads every other cell by more than their spreads (1 std each) combined."
+    return text + f" Within the spread over seeds (1 std each), so not beaten by it: {', '.join(tied)}."
+
+
+def write_csv(groups: list[Group], axes: list[str], path: Path) -> None:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["cell", *axes, *COLUMNS])
+    for g in groups:
+        for run in g.runs:
+            seed = {"seed": str(run["seed"])} if "seed" in axes else {}
+            writer.writerow([g.name, *({**g.values, **seed}.get(a, "") for a in axes), *(run.get(k, "") for k in COLUMNS)])
+    write_atomic(path, out.getvalue())
+
+
+def markdown(groups: list[Group], failed: dict[str, str], refused: dict[str, str]) -> str:
+    seeds = max(len(g.runs) for g in groups)
+    front = {groups[i].name for i in pareto_front([(g.total_bytes, g.mean("final_accuracy")) for g in groups])}
+    lines = [
+        f"| cell | final accuracy | best accuracy | bytes down | bytes up | per client-round down / up "
+        f"| rounds to target | bytes to target | simulated time to target | epsilon | wall time | Pareto |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:-:|",
+    ]
+    for g in groups:
+        lines.append("| " + " | ".join([
+            g.name + (f" ({len(g.runs)} seeds)" if seeds > 1 else ""),
+            _pm(g, "final_accuracy"), _pm(g, "best_accuracy"),
+            human_bytes(g.mean("total_bytes_down")), human_bytes(g.mean("total_bytes_up")),
+            f"{human_bytes(g.mean('bytes_per_client_round_down'))} / {human_bytes(g.mean('bytes_per_client_round_up'))}",
+            _target(g, "rounds_to_target", "{:.1f}"), _target(g, "bytes_to_target", None),
+            _target(g, "sim_time_to_target_s", "{:.0f} s"),
+            _optional(g, "epsilon", "{:.2f}"), f"{g.mean('wall_time_s'):.0f} s",
+            "yes" if g.name in front else "",
+        ]) + " |")
+    lines += ["", verdict(groups)]
+    lines += [f"\nFailed: {name}: {error}" for name, error in failed.items()]
+    if refused:
+        lines.append(f"\nNot run, refused by the config check ({len(refused)}):")
+        lines += [f"- {name}: {reason}" for name, reason in refused.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _pm(g: Group, key: str) -> str:
+    return f"{g.mean(key):.3f}" + (f" ± {g.spread(key):.3f}" if len(g.runs) > 1 else "")
+
+
+def _target(g: Group, key: str, fmt: str | None) -> str:
+    """Mean over seeds of a to-target figure; "-" when there is no target (or,
+    for simulated time, no fleet)."""
+    if "rounds_to_target" not in g.runs[0]:
+        return "-"
+    missed = sum(r["rounds_to_target"] is None for r in g.runs)
+    if missed:
+        return "not reached" + (f" ({missed}/{len(g.runs)})" if missed < len(g.runs) else "")
+    if any(key not in r for r in g.runs):
+        return "-"
+    mean = statistics.fmean(r[key] for r in g.runs)
+    return human_bytes(mean) if fmt is None else fmt.format(mean)
+
+
+def _optional(g: Group, key: str, fmt: str) -> str:
+    value = g.mean(key)
+    return "-" if value is None else fmt.format(value)

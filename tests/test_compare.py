@@ -1,0 +1,190 @@
+"""`fedtune compare`: grid expansion, bad compare files, the report from synthetic
+runs with a known Pareto front, and a real grid interrupted and resumed."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fedtune.cli import main
+from fedtune.compare.grid import Cell, load_comparison
+from fedtune.compare.report import write_report
+from fedtune.compare.runner import CellResult
+from fedtune.compare.table import pareto_front
+from fedtune.errors import FedtuneError
+
+from conftest import SMALL
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def compare_file(tmp_path: Path, body: str, base: str = "") -> Path:
+    (tmp_path / "base.toml").write_text(base)
+    path = tmp_path / "compare.toml"
+    path.write_text(f'[compare]\nconfig = "base.toml"\noutput_dir = "{tmp_path / "out"}"\n{body}')
+    return path
+
+
+def test_grid_is_the_product_of_its_axes(tmp_path):
+    path = compare_file(tmp_path, """
+[grid]
+method = ["fedit", "fed_sb", "fedkseed"]
+rank = [4, 8]
+privacy = ["none", "sample:8"]
+seed = [0, 1]
+[methods]
+fed_sb = ["lora.alpha=16"]
+[axes.batch]
+small = ["train.batch_size=4"]
+""")
+    c = load_comparison(path)
+    assert c.axes == ["method", "rank", "privacy", "seed"]  # one-valued axes do not label cells
+    # fedit and fed_sb: 2 ranks x 2 privacy x 2 seeds; fedkseed: no rank, and DP-SGD refused.
+    assert len(c.cells) == 16 + 2
+    assert sorted(c.refused) == ["fedkseed sample DP eps 8 seed 0", "fedkseed sample DP eps 8 seed 1"]
+    assert "gradients" in c.refused["fedkseed sample DP eps 8 seed 0"]
+    cell = next(x for x in c.cells if x.label == "fed_sb r4 sample DP eps 8 seed 1")
+    assert cell.group == "fed_sb r4 sample DP eps 8"
+    assert cell.overrides == (
+        "federation.method=fed_sb", "lora.alpha=16", "lora.rank=4",
+        "privacy.mode=sample", "privacy.epsilon=8", "train.batch_size=4", "run.seed=1",
+    )
+    assert [x.label for x in c.cells if x.values["method"] == "fedkseed"] == ["fedkseed no DP seed 0", "fedkseed no DP seed 1"]
+    assert len({x.slug for x in c.cells}) == len(c.cells)
+
+
+def test_codec_and_mix_axes_become_config_values(tmp_path):
+    from fedtune.config import load_config
+
+    path = compare_file(tmp_path, """
+[grid]
+uplink = ["none", "topk:0.05,int8"]
+mix = ["fleet"]
+[mixes]
+fleet = {phone = 0.5, laptop = 0.5}
+""")
+    c = load_comparison(path)
+    configs = [load_config(c.base_config, list(cell.overrides)) for cell in c.cells]
+    assert [x.compression.up for x in configs] == [[], ["topk:0.05", "int8"]]
+    assert all(x.hardware.mix == {"phone": 0.5, "laptop": 0.5} for x in configs)
+
+
+@pytest.mark.parametrize("body, message", [
+    ("", "the grid is empty"),
+    ("[grid]\nmethod = []", "grid.method must be a non-empty list"),
+    ("[grid]\nmethods = [\"fedit\"]", "unknown axis grid.methods"),
+    ("[grid]\nmethod = [\"fedit\"]\n[plots]\nx = 1", "unknown table plots"),
+    ("target_accuracy = 1.5\n[grid]\nseed = [0]", "compare.target_accuracy must be in [0, 1]"),
+    ("target_accuracy = -0.1\n[grid]\nseed = [0]", "compare.target_accuracy must be in [0, 1]"),
+    ("[grid]\nmix = [\"fleet\"]", "not a [mixes] table"),
+    ("[grid]\nprivacy = [\"8\"]", "MODE:EPSILON"),
+    ("[grid]\nmethod = [\"fedit\"]\n[methods]\nfed_sb = []", "which grid.method does not list"),
+    ("[grid]\nmethod = [\"fedit\"]\n[axes.x]\na = [\"lora.rnak=4\"]", "unknown config key lora.rnak"),
+    ("[grid]\nmethod = [\"fedkseed\"]\nprivacy = [\"sample:1\"]", "no cell of the grid is a valid run config"),
+])
+def test_bad_compare_files_are_one_line_errors(tmp_path, body, message, capsys):
+    path = compare_file(tmp_path, body)
+    with pytest.raises(FedtuneError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_comparison(path)
+    assert main(["compare", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+
+
+def _synthetic_run(root: Path, name: str, accuracy: list[float], bytes_per_round: int, seed: int) -> Path:
+    run_dir = root / name / f"run-{seed}"
+    run_dir.mkdir(parents=True)
+    rows = [
+        {"round": r, "accuracy": a, "cum_bytes_down": r * bytes_per_round // 2, "cum_bytes_up": r * bytes_per_round // 2,
+         "wall_time_s": 10.0 * r}
+        for r, a in enumerate(accuracy)
+    ]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    total = len(accuracy[1:]) * bytes_per_round
+    summary = {
+        "final_accuracy": accuracy[-1], "best_accuracy": max(accuracy[1:]),
+        "total_bytes_down": total // 2, "total_bytes_up": total // 2,
+        "bytes_per_client_round_down": total // 8, "bytes_per_client_round_up": total // 8,
+        "rounds_to_target": next((r for r, a in enumerate(accuracy) if r and a >= 0.8), None),
+        "wall_time_s": 30.0,
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    return run_dir
+
+
+def test_report_from_synthetic_runs_has_the_known_front(tmp_path):
+    # (final accuracy per seed, bytes per round): C costs more than B and is less
+    # accurate, so it is off the front; A is cheapest, B most accurate.
+    cells = {"A": ([0.70, 0.72], 1_000), "B": ([0.86, 0.84], 100_000), "C": ([0.80, 0.80], 1_000_000), "D": ([0.85, 0.85], 200_000)}
+    path = compare_file(tmp_path, "[grid]\nmethod = [\"fedit\"]\n")
+    comparison = load_comparison(path)
+    results = []
+    for name, (finals, per_round) in cells.items():
+        for seed, final in enumerate(finals):
+            run_dir = _synthetic_run(tmp_path / "runs", name, [0.5, 0.6, final], per_round, seed)
+            results.append(CellResult(Cell(f"{name} seed {seed}", name, {"method": name, "seed": str(seed)}, ()), run_dir))
+    results.append(CellResult(Cell("E seed 0", "E", {"method": "E", "seed": "0"}, ()), None, "ValueError: boom"))
+    comparison.output_dir.mkdir(parents=True)
+    report = write_report(comparison, results)
+
+    table = (comparison.output_dir / "table.md").read_text()
+    rows = {line.split(" | ")[0].strip("| ").split(" (")[0]: line for line in table.splitlines() if line.startswith("| ") and "seeds" in line}
+    assert [name for name, line in rows.items() if line.rstrip().endswith("| yes |")] == ["A", "B"]
+    assert "0.850 ± 0.014" in rows["B"] and "0.850 ± 0.000" in rows["D"]
+    # B leads D by 0.000 in the mean: not a win; it beats A and C by more than the spreads.
+    assert "Highest mean final accuracy: B" in table and "not beaten by it: D." in table
+    assert "Failed: E seed 0: ValueError: boom" in table
+    with (comparison.output_dir / "table.csv").open() as f:
+        csv_rows = list(csv.DictReader(f))
+    assert len(csv_rows) == 8 and {r["seed"] for r in csv_rows} == {"0", "1"}
+    assert float(next(r for r in csv_rows if r["cell"] == "C")["total_bytes_up"]) == 1_000_000
+    page = report.read_text()
+    assert page.count("data:image/png;base64,") == 3 and "[grid]" in page
+    assert page.count("<tr>") == 5 and "<td>B (2 seeds)</td><td>0.850 ± 0.014</td>" in page
+    for name in ("pareto.png", "accuracy_vs_bytes.png", "accuracy_vs_time.png"):
+        assert (comparison.output_dir / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_pareto_front():
+    points = [(1.0, 0.5), (2.0, 0.7), (2.0, 0.6), (3.0, 0.7), (4.0, 0.9), (0.5, 0.1)]
+    assert pareto_front(points) == [5, 0, 1, 4]
+    assert pareto_front([(1.0, 0.5), (1.0, 0.5)]) == [0, 1]  # equal points do not dominate each other
+
+
+@pytest.mark.integration
+def test_interrupted_grid_resumes_where_it_stopped(tmp_path):
+    """SIGKILL `fedtune compare` while its second cell runs; rerun it: the first cell
+    is not run again, the second resumes from its checkpoint, the report has both."""
+    base = "\n".join(f"[{s}]\n" + "\n".join(f"{k} = {json.dumps(v)}" for k, v in values.items()) for s, values in SMALL.items())
+    path = compare_file(tmp_path, "target_accuracy = 0.5\n[grid]\nmethod = [\"fedit\", \"fed_sb\"]\n", base)
+    cmd = [sys.executable, "-m", "fedtune.cli", "compare", str(path)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    first = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, start_new_session=True)
+    out = tmp_path / "out" / "cells"
+    deadline = time.monotonic() + 600
+    while not list(out.glob("fed_sb/*/checkpoint.pt")):
+        assert first.poll() is None and time.monotonic() < deadline, "the grid ended before its second cell checkpointed"
+        time.sleep(0.2)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    fedit_summary = next(out.glob("fedit/*/summary.json"))
+    stamp = fedit_summary.stat().st_mtime_ns
+    assert not list(out.glob("fed_sb/*/summary.json"))
+
+    second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "[1/2] fedit: finished earlier" in second.stdout
+    assert "[2/2] fed_sb: resuming" in second.stdout and "[2/2] fed_sb: round 2: accuracy" in second.stdout
+    assert fedit_summary.stat().st_mtime_ns == stamp
+    with (tmp_path / "out" / "table.csv").open() as f:
+        assert [r["cell"] for r in csv.DictReader(f)] == ["fedit", "fed_sb"]
+    resumed = json.loads(next(out.glob("fed_sb/*/summary.json")).read_text())
+    assert resumed["rounds"] == SMALL["run"]["rounds"]
