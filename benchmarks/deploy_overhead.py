@@ -9,11 +9,11 @@ Runs the config three times, each through the fedtune command line:
   deploy, warm       fedtune deploy local                         (SuperNodes with --isolation
                      process and one long-running ClientApp worker each)
 
-and prints, per round and as medians, the round's wall time (from one metrics row
-to the next: downlinks, training, uplinks, aggregation, evaluation) and its
-training phase (first downlink sent to last uplink received), and each median as
-a ratio to the simulation's. The deployments run with TLS and node authentication
-on loopback. It also says whether the three runs' metrics agree.
+and prints the median over rounds of a round's wall time (from one metrics row to
+the next: downlinks, training, uplinks, aggregation, evaluation) and of its
+training phase (first downlink sent to last uplink received), each as a ratio to
+the simulation's, and every round's wall time. The deployments run with TLS and
+node authentication on loopback. It also says whether the three runs' metrics agree.
 
 Usage: python benchmarks/deploy_overhead.py [CONFIG] [--set SECTION.KEY=VALUE ...]
        (default: simulations/quick.toml, 5 rounds)
@@ -63,12 +63,12 @@ def main() -> None:
             results[label] = (rows, walls, [r["round_train_time_s"] for r in rows[1:]])
 
     print(f"config {args.config} {' '.join(args.overrides)}")
-    print(f"{'':36}{'round wall s':>40}  {'median':>7} {'ratio':>6}   {'training phase s (median, ratio)'}")
+    print(f"{'mode':36}{'round s':>9}{'ratio':>7}{'training s':>12}{'ratio':>7}   each round's wall s")
     base_wall, base_train = (statistics.median(results["simulation"][i]) for i in (1, 2))
     for label, (rows, walls, trains) in results.items():
         wall, train = statistics.median(walls), statistics.median(trains)
-        print(f"{label:36}{' '.join(f'{w:6.1f}' for w in walls):>40}  {wall:7.1f} {wall / base_wall:6.2f}"
-              f"   {train:6.1f} {train / base_train:5.2f}")
+        print(f"{label:36}{wall:9.1f}{wall / base_wall:7.2f}{train:12.1f}{train / base_train:7.2f}   "
+              + " ".join(f"{w:.1f}" for w in walls))
     same = [[{k: r.get(k) for k in STABLE} for r in rows] for rows, _, _ in results.values()]
     print("metrics (accuracy, loss, bytes per round) identical in all three:", all(s == same[0] for s in same))
 
