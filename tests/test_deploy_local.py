@@ -134,7 +134,7 @@ def test_an_interrupted_run_resumes_to_the_simulation_numbers(federation, simula
 
 def test_a_node_killed_mid_round_does_not_stop_the_run(federation, tmp_path):
     # FLoRA, the stacking family: the two survivors' adapters are stacked each round.
-    config = small_config(tmp_path, federation={"method": "flora", "timeout_s": 20.0}, lora={"client_ranks": [2, 4, 8]},
+    config = small_config(tmp_path, federation={"method": "flora", "timeout_s": 12.0}, lora={"client_ranks": [2, 4, 8]},
                           train={"local_steps": 5})
     run_dir = report.create_run_dir(config)
     log = federation.procs.log_dir / "node-2.log"
