@@ -40,6 +40,7 @@ def run_node(superlink: str, ca: Path, key: Path, node_config: dict[str, int | s
         print(f"SuperNode {node.pid} and its ClientApp worker {worker.pid} started", flush=True)
         while node.poll() is None and worker.poll() is None:
             time.sleep(1.0)
+        print(f"the {'SuperNode' if node.poll() is not None else 'ClientApp worker'} exited; stopping the other", flush=True)
         time.sleep(0.5)  # let the relay catch the last lines
         if any(REFUSED in line for line in procs.tail["supernode"]):
             raise FedtuneError(f"the SuperLink at {superlink} refused this node: register {key}.pub with it "

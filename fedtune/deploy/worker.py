@@ -51,8 +51,10 @@ def serve(runtime_api_address: str, poll_s: float = 0.5) -> None:
         if reply.HasField("task") and reply.token:
             try:
                 run_task(runtime_api_address, reply.token)
-            except Exception:  # one task's trouble (e.g. its run was stopped meanwhile) must not end the worker
-                log.exception("task failed")
+            # One task's trouble must not end the worker: e.g. its run was stopped meanwhile,
+            # or Flower's HTTP retry, refused the task's token, interrupted this process (SIGINT).
+            except (Exception, KeyboardInterrupt):
+                log.exception("task abandoned")
         else:
             time.sleep(poll_s)
 
