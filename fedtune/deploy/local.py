@@ -2,13 +2,17 @@
 for a machine without Docker. A SuperLink with TLS and SuperNode authentication,
 N SuperNodes each with its own registered key, partition and ClientApp worker.
 
-Everything lives in a state directory, reused between runs:
+Files live in a state directory, reused between runs:
 
     certs/          CA, server certificate, nodes/node-I key pairs (made once)
     flwr-home/      FLWR_HOME of the SuperLink, its ServerApps and the flwr CLI
-    superlink.db    the SuperLink's state: registered node keys, runs
     nodes/node-I/   FLWR_HOME of SuperNode I
     logs/           one log per process
+
+The SuperLink keeps its state in memory and the keys are registered at every
+start: a database kept from the last start would still list that start's
+SuperNodes as online for a minute, refuse the new ones their keys, and hand the
+run to the old ones.
 """
 
 from __future__ import annotations
@@ -58,7 +62,8 @@ class LocalFederation:
             for name, node_config in zip(names, self.node_configs):
                 self.start_node(name, self.certs / certs.NODES / name, node_config)
             # Each check is a `flwr` process: every 2 s, not to slow the starting nodes down.
-            wait_for(lambda: self.flwr.online_nodes() >= len(names), READY_S, f"{len(names)} SuperNodes", self.alive, 2.0)
+            wait_for(lambda: self.flwr.online_nodes() >= len(names), READY_S, f"{len(names)} SuperNodes",
+                     lambda: [self.procs.check(name) for name in (SUPERLINK, *names)], 2.0)
         except BaseException:
             self.procs.stop_all()
             raise
@@ -69,7 +74,7 @@ class LocalFederation:
 
     def _start_superlink(self) -> None:
         host, http_port = probe.split_address(self.control)
-        command = superlink_command(self.certs, self.state / "superlink.db", host, http_port, probe.split_address(self.fleet)[1])
+        command = superlink_command(self.certs, None, host, http_port, probe.split_address(self.fleet)[1])
         self.procs.start(SUPERLINK, command)
         ca = self.certs / certs.CA
         wait_for(lambda: _answers(self.control, ca) and _answers(self.fleet, ca), READY_S, "the SuperLink", self.alive)

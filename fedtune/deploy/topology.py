@@ -31,10 +31,11 @@ from fedtune.errors import FedtuneError
 PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
-def superlink_command(certs_dir: Path, database: Path, host: str, http_port: int, fleet_port: int,
+def superlink_command(certs_dir: Path, database: Path | None, host: str, http_port: int, fleet_port: int,
                       isolation: str = "subprocess") -> list[str]:
     """``isolation`` 'subprocess': the SuperLink starts each run's ServerApp itself;
-    'process': a separate `flower-superexec` does (compose's serverapp service)."""
+    'process': a separate `flower-superexec` does (compose's serverapp service).
+    ``database`` None: state in memory, gone with the process."""
     return [
         str(BIN / "flower-superlink"),
         "--ssl-ca-certfile", str(certs_dir / certs.CA),
@@ -43,7 +44,7 @@ def superlink_command(certs_dir: Path, database: Path, host: str, http_port: int
         "--enable-supernode-auth",
         "--isolation", isolation,
         "--disable-runtime-dependency-installation",
-        "--database", str(database),
+        *(["--database", str(database)] if database else []),
         "--host", host, "--port", str(http_port),
         "--fleet-api-address", f"{host}:{fleet_port}",
     ]
