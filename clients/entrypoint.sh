@@ -8,6 +8,8 @@
 #   PARTITION_ID   which data partition this node trains on (0 .. clients-1)
 #   DEVICE         optional: this node's device profile (hardware catalogue name)
 #   FLWR_HOME      optional: Flower's state for this node (default ~/.flwr)
+#   PORT           optional: the SuperNode's local Runtime API port (default 9094;
+#                  several nodes on one host need one each)
 #
 # Used by docker-compose.yml's supernode services; on a machine without Docker,
 # set the variables and run it after ./setup.sh (with .venv/bin on PATH).
@@ -18,4 +20,5 @@ exec fedtune deploy node \
     --key "${KEY:?set KEY to this node private key}" \
     --partition-id "${PARTITION_ID:?set PARTITION_ID}" \
     ${DEVICE:+--device "$DEVICE"} \
-    --flwr-home "${FLWR_HOME:-$HOME/.flwr}"
+    --flwr-home "${FLWR_HOME:-$HOME/.flwr}" \
+    --port "${PORT:-9094}"

@@ -123,6 +123,7 @@ def test_every_fedtune_command_parses(compose, parse, tmp_path):
         node = parse((tmp_path / "argv").read_text().split("\0")[:-1])
         assert (node.superlink, str(node.ca), str(node.flwr_home)) == ("superlink:9092", "/certs/ca.pem", "/data/flwr-home")
         assert (node.partition_id, node.device) == (int(service["environment"]["PARTITION_ID"]), service["environment"]["DEVICE"])
+        assert f"('127.0.0.1', {node.port})" in service["healthcheck"]["test"][-1]  # the health check probes its Runtime API
 
 
 def test_the_serverapp_runner_flags_exist(compose):
