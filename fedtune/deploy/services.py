@@ -38,8 +38,12 @@ def run_node(superlink: str, ca: Path, key: Path, node_config: dict[str, int | s
         node = procs.start("supernode", supernode_command(superlink, ca, key, node_config, port))
         worker = procs.start("worker", worker_command(port))
         print(f"SuperNode {node.pid} and its ClientApp worker {worker.pid} started", flush=True)
-        while node.poll() is None and worker.poll() is None:
-            time.sleep(1.0)
+        try:
+            while node.poll() is None and worker.poll() is None:
+                time.sleep(1.0)
+        except KeyboardInterrupt:  # Ctrl-C, docker stop
+            print("stopping the SuperNode and its worker", flush=True)
+            return 130
         print(f"the {'SuperNode' if node.poll() is not None else 'ClientApp worker'} exited; stopping the other", flush=True)
         time.sleep(0.5)  # let the relay catch the last lines
         if any(REFUSED in line for line in procs.tail["supernode"]):
