@@ -45,7 +45,8 @@ class LocalFederation:
     def __init__(self, state: Path, node_configs: list[dict[str, int | str]], warm: bool = True, threads: int = 1) -> None:
         self.state, self.node_configs, self.warm = state.resolve(), node_configs, warm
         self.certs = self.state / "certs"
-        self.procs = Processes(self.state / "logs", {**flower_env(self.state / "flwr-home"), "OMP_NUM_THREADS": str(threads)})
+        self.procs = Processes(self.state / "logs", flower_env(self.state / "flwr-home"))
+        self.threads = str(threads)  # for the clients only; the ServerApp takes the machine's default, as in simulation
         self.fleet = f"127.0.0.1:{free_port()}"
         self.control = f"127.0.0.1:{free_port()}"
         self.flwr = FlwrCli(self.state / "flwr-home", self.control, self.certs / certs.CA)
@@ -83,13 +84,14 @@ class LocalFederation:
         """SuperNode ``name`` (and its worker) authenticating with ``key``."""
         port = free_port()
         command = supernode_command(self.fleet, self.certs / certs.CA, key, node_config, port, self.warm)
-        self.procs.start(name, command, FLWR_HOME=str(self.state / "nodes" / name))
+        self.procs.start(name, command, FLWR_HOME=str(self.state / "nodes" / name), OMP_NUM_THREADS=self.threads)
         if self.warm:
             self.workers[name] = port
             self._start_worker(name)
 
     def _start_worker(self, name: str) -> None:
-        self.procs.start(f"{name}-worker", worker_command(self.workers[name]), FLWR_HOME=str(self.state / "nodes" / name))
+        self.procs.start(f"{name}-worker", worker_command(self.workers[name]), FLWR_HOME=str(self.state / "nodes" / name),
+                         OMP_NUM_THREADS=self.threads)
 
     def alive(self) -> None:
         """Raise if the SuperLink has died; start again a worker that died under a
