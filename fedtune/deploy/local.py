@@ -64,7 +64,7 @@ class LocalFederation:
                 self.start_node(name, self.certs / certs.NODES / name, node_config)
             # Each check is a `flwr` process: every 2 s, not to slow the starting nodes down.
             wait_for(lambda: self.flwr.online_nodes() >= len(names), READY_S, f"{len(names)} SuperNodes",
-                     lambda: [self.procs.check(name) for name in (SUPERLINK, *names)], 2.0)
+                     lambda: self.procs.check(SUPERLINK, *names), 2.0)
         except BaseException:
             self.procs.stop_all()
             raise

@@ -114,10 +114,11 @@ class Processes:
             self.tail[name].append(line)
             print(f"[{name}] {line}", flush=True)
 
-    def check(self, name: str) -> None:
-        """A one-line error if process ``name`` has ended."""
-        if (code := self.procs[name].poll()) is not None:
-            raise FedtuneError(f"{name} exited with code {code}" + (f"; see {self.log_dir / name}.log" if self.log_dir else ""))
+    def check(self, *names: str) -> None:
+        """A one-line error if one of these processes has ended."""
+        for name in names:
+            if (code := self.procs[name].poll()) is not None:
+                raise FedtuneError(f"{name} exited with code {code}" + (f"; see {self.log_dir / name}.log" if self.log_dir else ""))
 
     def stop(self, *names: str, grace_s: float = 10.0) -> None:
         """SIGTERM to each (at once, their shutdowns overlap), SIGKILL to any left after ``grace_s``."""
