@@ -13,17 +13,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedtune", description="Federated fine-tuning of language models.")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a federated fine-tuning simulation")
-    run.add_argument("config", nargs="?", help="TOML config (default: built-in defaults)")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                     help="override one config key; repeatable")
-    run.add_argument("--resume", metavar="RUN_DIR", help="continue a run after its last finished round")
+    _job_arguments(run)
     run.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    run.set_defaults(func=_run)
     compare = sub.add_parser("compare", help="run a grid of federated runs and compare accuracy against bytes")
     compare.add_argument("config", help="compare file: [compare], [grid] and friends (see simulations/compare.toml)")
     compare.add_argument("--list", action="store_true", help="list the grid's cells and exit")
+    compare.set_defaults(func=_compare)
+    _deploy_parsers(sub)
     args = parser.parse_args(argv)
     try:
-        return _compare(args) if args.command == "compare" else _run(args)
+        return args.func(args)
     except FedtuneError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -32,12 +32,34 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _job_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", nargs="?", help="TOML config (default: built-in defaults)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config key; repeatable")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue a run after its last finished round")
+
+
 def _run(args: argparse.Namespace) -> int:
-    from fedtune import checkpoint, report
+    from fedtune import report
     from fedtune.centralized import centralized_steps, run_centralized
+    from fedtune.simulation import run_simulation
+
+    config, run_dir = _prepare(args)
+    summary = run_simulation(config, run_dir, verbose=args.verbose, resume=bool(args.resume))
+    if config.run.centralized_baseline:
+        steps = centralized_steps(config)
+        print(f"centralized baseline: {steps} steps on the pooled data ...", flush=True)
+        summary = report.add_centralized(run_dir, run_centralized(config), steps)
+    print(report.summary_table(summary))
+    print(f"results: {run_dir}")
+    return 0
+
+
+def _prepare(args: argparse.Namespace):
+    """The validated config and its run directory (new, or --resume's)."""
+    from fedtune import checkpoint, report
     from fedtune.config import load_config
     from fedtune.methods import get_method
-    from fedtune.simulation import run_simulation
     from fedtune.privacy.accounting import Budget
     from fedtune.task import client_name, client_partitions, load_model
 
@@ -59,11 +81,64 @@ def _run(args: argparse.Namespace) -> int:
     if not args.resume:
         run_dir = report.create_run_dir(config)
     print(f"run directory: {run_dir}", flush=True)
-    summary = run_simulation(config, run_dir, verbose=args.verbose, resume=bool(args.resume))
-    if config.run.centralized_baseline:
-        steps = centralized_steps(config)
-        print(f"centralized baseline: {steps} steps on the pooled data ...", flush=True)
-        summary = report.add_centralized(run_dir, run_centralized(config), steps)
+    return config, run_dir
+
+
+def _deploy_parsers(sub: argparse._SubParsersAction) -> None:
+    """`fedtune certs ...` and `fedtune deploy ...` (docs/deploy.md); the work is in fedtune/deploy/."""
+    certs = sub.add_parser("certs", help="TLS certificates and SuperNode keys").add_subparsers(dest="action", required=True)
+    create = certs.add_parser("create", help="make what is missing of the CA, server certificate and node keys")
+    create.add_argument("dir", type=Path)
+    create.add_argument("--nodes", type=int, default=0, help="node key pairs node-0 ... node-(N-1)")
+    create.add_argument("--san", action="append", default=[], help="a host name or address the SuperLink is reached by; repeatable")
+    create.add_argument("--days", type=int, default=365, help="certificate lifetime")
+    node = certs.add_parser("node", help="a node key pair, made on the node's own machine")
+    node.add_argument("key", type=Path, help="private key file; the public key is written beside it as KEY.pub")
+    register = certs.add_parser("register", help="register node public keys with a running SuperLink")
+    register.add_argument("keys", type=Path, nargs="+", metavar="KEY.pub")
+    deploy = sub.add_parser("deploy", help="run on Flower's deployment runtime: gRPC, TLS, authenticated nodes")
+    deploy = deploy.add_subparsers(dest="action", required=True)
+    local = deploy.add_parser("local", help="start a SuperLink and N SuperNodes as local processes, run, report")
+    _job_arguments(local)
+    local.add_argument("--clients", type=int, help="SuperNodes, one per partition (sets partition.num_clients)")
+    local.add_argument("--state", type=Path, default=Path(".fedtune/deploy"), help="certificates, logs, SuperLink state")
+    local.add_argument("--per-message-clientapp", action="store_true",
+                       help="Flower's default of a fresh ClientApp process per message (to measure its cost)")
+    submit = deploy.add_parser("submit", help="run on a running SuperLink, e.g. docker compose's")
+    _job_arguments(submit)
+    superlink = deploy.add_parser("superlink", help="start the SuperLink (compose's superlink service)")
+    superlink.add_argument("--certs", type=Path, required=True, help="directory of `fedtune certs create`")
+    superlink.add_argument("--state", type=Path, required=True, help="its database and FLWR_HOME")
+    superlink.add_argument("--host", default="0.0.0.0")
+    superlink.add_argument("--port", type=int, default=9093, help="Control and Runtime APIs (HTTPS)")
+    superlink.add_argument("--fleet-port", type=int, default=9092, help="Fleet API (gRPC) for SuperNodes")
+    superlink.add_argument("--separate-serverapp", action="store_true",
+                           help="a `flower-superexec` elsewhere runs the ServerApp (--isolation process)")
+    edge = deploy.add_parser("node", help="start one edge client: a SuperNode and its ClientApp worker")
+    edge.add_argument("--key", type=Path, required=True, help="this node's private key (`fedtune certs node`)")
+    edge.add_argument("--partition-id", type=int, required=True)
+    edge.add_argument("--device", default="", help="this node's device profile (hardware catalogue name)")
+    edge.add_argument("--port", type=int, default=9094, help="the SuperNode's local Runtime API port")
+    edge.add_argument("--flwr-home", type=Path, default=Path("~/.flwr").expanduser())
+    for command in (register, submit, edge):  # they talk to a running SuperLink
+        command.add_argument("--superlink", required=True, metavar="HOST:PORT",
+                             help="its Fleet API (node) or Control API (register, submit)")
+        command.add_argument("--ca", type=Path, required=True, help="the CA certificate (ca.pem)")
+    for parser in (*certs.choices.values(), *deploy.choices.values()):
+        parser.set_defaults(func=_deploy)
+
+
+def _deploy(args: argparse.Namespace) -> int:
+    from fedtune import report
+    from fedtune.deploy import commands
+
+    if args.action not in ("local", "submit"):
+        return getattr(commands, f"{args.command}_{args.action}")(args)
+    if getattr(args, "clients", None):
+        if args.resume:
+            raise FedtuneError("--resume runs with the run directory's own config.toml: drop --clients")
+        args.overrides.append(f"partition.num_clients={args.clients}")
+    summary, run_dir = commands.run_job(args, lambda: _prepare(args))
     print(report.summary_table(summary))
     print(f"results: {run_dir}")
     return 0

@@ -18,6 +18,7 @@ from fedtune.codecs.spec import parse_chain
 from fedtune.app.server import RECORD
 from fedtune.config import RunConfig
 from fedtune.errors import FedtuneError
+from fedtune.hardware.profiles import device_names
 from fedtune.methods import ClientJob, LocalResult, Method, get_method
 from fedtune.privacy.accounting import Budget
 from fedtune.privacy.dp_sgd import DPSGD
@@ -40,6 +41,17 @@ def _partition_id(context: Context, config: RunConfig) -> int:
     return pid
 
 
+def _check_device(context: Context, config: RunConfig, pid: int) -> None:
+    """A deployed node may say what it is (node config ``device``); the run's
+    hardware model, when there is one, must model it as that."""
+    declared = context.node_config.get("device")
+    if declared and config.hardware.modelled:
+        modelled = device_names(config.hardware, config.partition.num_clients, config.run.seed)[pid]
+        if declared != modelled:
+            raise FedtuneError(f"this node's device is {declared!r} (node config) but the run's [hardware] makes "
+                               f"{client_name(pid)} a {modelled!r}; list the nodes' devices in hardware.devices")
+
+
 def _config(context: Context) -> RunConfig:
     return config_from_json(str(context.state[RECORD]["config"]))
 
@@ -50,6 +62,7 @@ def enroll(msg: Message, context: Context) -> Message:
     context.state[RECORD] = ConfigRecord({"config": config_json})
     config = config_from_json(config_json)
     pid = _partition_id(context, config)
+    _check_device(context, config, pid)
     data = client_data(config, pid)
     histogram = np.bincount(data.labels, minlength=len(data.label_names))
     reply = ConfigRecord({"client": client_name(pid), "partition_id": pid, "histogram": histogram.tolist()})

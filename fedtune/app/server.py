@@ -159,12 +159,12 @@ def _enroll(grid: Grid, config: RunConfig, label_names: list[str]) -> tuple[dict
     messages = [Message(content, dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids]
     nodes, sizes, parts, labels = {}, {}, [], []
     replies = _collect(grid, messages, config.federation.timeout_s)
-    if failed := next((r for r in replies if r.has_error()), None):
+    if failed := next((r for _, r in replies if r.has_error()), None):
         raise FedtuneError(f"a client failed to enroll: {failed.error.reason}")
     # Summary rows in partition order, whatever order the replies came in.
-    for reply in sorted(replies, key=lambda r: int(r.content[RECORD]["partition_id"])):
+    for node, reply in sorted(replies, key=lambda r: int(r[1].content[RECORD]["partition_id"])):
         record = reply.content[RECORD]
-        nodes[str(record["client"])] = reply.metadata.src_node_id
+        nodes[str(record["client"])] = node
         histogram = np.asarray(record["histogram"], dtype=np.int64)
         sizes[str(record["client"])] = int(histogram.sum())
         parts.append(np.arange(len(labels), len(labels) + histogram.sum()))
@@ -230,8 +230,8 @@ def _train_round(
     started = time.perf_counter()
     replies = _collect(grid, messages, config.federation.timeout_s, on_reply=lambda: bar.update(1))
     # Arrival order varies from run to run; everything downstream sees client order.
-    for reply in sorted(replies, key=lambda r: name_of[r.metadata.src_node_id]):
-        client = name_of[reply.metadata.src_node_id]
+    for node, reply in sorted(replies, key=lambda r: name_of[r[0]]):
+        client = name_of[node]
         if reply.has_error():
             log.warning("round %d: %s dropped: %s", rnd, client, reply.error.reason)
             continue
@@ -284,15 +284,18 @@ def check_uplink(method: Method, chain: Chain, rnd: int, client: str, data: byte
 
 def _collect(
     grid: Grid, messages: list[Message], timeout: float, on_reply: Callable[[], None] = lambda: None
-) -> list[Message]:
-    """Push messages, pull replies as they arrive (so progress shows per client)."""
-    pending = set(grid.push_messages(messages))
+) -> list[tuple[int, Message]]:
+    """Push messages, pull replies as they arrive (so progress shows per client):
+    (node the message went to, its reply) pairs. Replies are matched by message
+    id, since the error reply for a node that went offline comes from the SuperLink."""
+    sent = {i: m.metadata.dst_node_id for i, m in zip(grid.push_messages(messages), messages) if i}
+    pending = set(sent)
     deadline = time.monotonic() + timeout
     replies = []
     while pending and time.monotonic() < deadline:
         for reply in grid.pull_messages(pending):
             pending.discard(reply.metadata.reply_to_message_id)
-            replies.append(reply)
+            replies.append((sent[reply.metadata.reply_to_message_id], reply))
             on_reply()
         time.sleep(0.05)
     if pending:
@@ -307,9 +310,14 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """`flwr run`: the config path and overrides come from the app's run config."""
-    overrides = shlex.split(str(context.run_config.get("overrides", "")))
-    config = load_config(str(context.run_config["config"]), overrides)
+    """`flwr run`: the app's run config names a run directory that `fedtune deploy`
+    prepared (its config.toml, and to resume, its checkpoint), or a config path and overrides."""
+    run_config = context.run_config
+    if run_dir := str(run_config.get("run-dir", "")):
+        serve(grid, load_config(Path(run_dir) / "config.toml"), Path(run_dir), bool(run_config.get("resume", False)))
+        return
+    overrides = shlex.split(str(run_config.get("overrides", "")))
+    config = load_config(str(run_config["config"]), overrides)
     serve(grid, config, report.create_run_dir(config))
 
 

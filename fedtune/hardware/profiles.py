@@ -66,10 +66,15 @@ def assign_devices(cfg: HardwareSection, num_clients: int, seed: int) -> list[De
     ``cfg.mix`` as shares (counts rounded by largest remainder, then shuffled by the
     run seed, so the same seed gives the same fleet)."""
     catalogue = load_catalogue(cfg.catalogue)
-    names = cfg.devices or _names_from_mix(cfg.mix, num_clients, seed)
+    names = device_names(cfg, num_clients, seed)
     if unknown := sorted(set(names) - catalogue.keys()):
         raise FedtuneError(f"unknown device profile {unknown[0]!r}; the catalogue has: {', '.join(catalogue)}")
     return [catalogue[n] for n in names]
+
+
+def device_names(cfg: HardwareSection, num_clients: int, seed: int) -> list[str]:
+    """The device class of each client, in partition order, without the catalogue."""
+    return cfg.devices or _names_from_mix(cfg.mix, num_clients, seed)
 
 
 def _names_from_mix(mix: dict[str, float], num_clients: int, seed: int) -> list[str]:

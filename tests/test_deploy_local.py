@@ -1,0 +1,156 @@
+"""The deployment topology as real processes on loopback: a SuperLink with TLS and
+SuperNode authentication, three SuperNodes with registered keys, each served by a
+long-running ClientApp worker; runs submitted with `flwr run`, 2 rounds each:
+FedIT (equal to the simulation), Fed-SB, FedKSeed, and FLoRA with a node killed
+mid-round. One federation serves every test of this module; the last kills a node."""
+
+import _thread
+import json
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from conftest import expected_payload_size, small_config, small_overrides
+from fedtune import report
+from fedtune.cli import main
+from fedtune.deploy import certs, services
+from fedtune.deploy.local import LocalFederation
+from fedtune.deploy.topology import node_config
+from fedtune.methods import get_method
+from fedtune.simulation import run_simulation
+from fedtune.task import load_model
+
+pytestmark = pytest.mark.integration
+CLIENTS = 3
+STABLE = ("round", "accuracy", "loss", "train_loss", "aggregated", "bytes_down", "bytes_up", "cum_bytes_down", "cum_bytes_up", "clients")
+
+
+def _records(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _stable(rows):
+    return [{k: r.get(k) for k in STABLE} for r in rows]
+
+
+def _wait_for(condition, timeout=300):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    state = tmp_path_factory.mktemp("deploy")
+    with LocalFederation(state, [node_config(i) for i in range(CLIENTS)]) as fed:
+        yield fed
+
+
+@pytest.fixture(scope="module")
+def simulated_fedit(tmp_path_factory):
+    """FedIT on SMALL in Flower's simulation engine: what a deployment must reproduce."""
+    config = small_config(tmp_path_factory.mktemp("simulated"))
+    run_dir = report.create_run_dir(config)
+    run_simulation(config, run_dir)
+    return run_dir
+
+
+def test_fedit_through_fedtune_deploy_submit_gives_the_simulation_numbers(federation, simulated_fedit, tmp_path, capsys):
+    ca = federation.certs / certs.CA
+    assert main(["deploy", "submit", *small_overrides(tmp_path), "--superlink", federation.control, "--ca", str(ca)]) == 0
+    out = capsys.readouterr().out
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert f"results: {run_dir}" in out and "round 2: accuracy" in out
+    rows, ledger = _records(run_dir / "metrics.jsonl"), _records(run_dir / "ledger.jsonl")
+    assert [(r["round"], r["clients"], r.get("aggregated")) for r in rows] == [(0, 0, None), (1, 3, 3), (2, 3, 3)]
+    assert json.loads((run_dir / "summary.json").read_text())["final_accuracy"] == rows[-1]["accuracy"]
+    # The same code over gRPC and TLS: the same numbers, and the same exact bytes, as in simulation.
+    assert _stable(rows) == _stable(_records(simulated_fedit / "metrics.jsonl"))
+    assert ledger == _records(simulated_fedit / "ledger.jsonl")
+    config = small_config(tmp_path)
+    method = get_method(config)
+    method.server_init(load_model(config))
+    adapter = method.server_downlink("client-0")
+    for t in ledger:
+        n = 40 if t["direction"] == "up" else 0  # each client holds 40 of the 120 examples
+        assert t["payload_bytes"] == expected_payload_size("fedit", t["round"], t["client"], adapter, n)
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_fed_sb_deployed(federation, tmp_path):
+    run_dir = report.create_run_dir(small_config(tmp_path, federation={"method": "fed_sb"}, lora={"rank": 4}))
+    summary = federation.run(run_dir)
+    rows, ledger = _records(run_dir / "metrics.jsonl"), _records(run_dir / "ledger.jsonl")
+    assert [(r["round"], r["clients"], r.get("aggregated")) for r in rows[1:]] == [(1, 3, 3), (2, 3, 3)]
+    down = {(t["round"], t["client"]): t["payload_bytes"] for t in ledger if t["direction"] == "down"}
+    up = {(t["round"], t["client"]): t["payload_bytes"] for t in ledger if t["direction"] == "up"}
+    assert set(up) == {(r, f"client-{i}") for r in (1, 2) for i in range(CLIENTS)}
+    assert all(down[1, c] > 10 * down[2, c] for c in ("client-0", "client-1", "client-2"))  # the bases go once
+    assert all(abs(b - down[2, c]) < 16 for (_, c), b in up.items())  # the r x r matrices, both ways
+    assert summary["final_accuracy"] == rows[-1]["accuracy"]
+
+
+def test_fedkseed_deployed(federation, tmp_path):
+    config = small_config(tmp_path, federation={"method": "fedkseed"}, fedkseed={"num_seeds": 256},
+                          train={"local_steps": 10, "lr": 1e-5})
+    run_dir = report.create_run_dir(config)
+    summary = federation.run(run_dir)
+    rows, ledger = _records(run_dir / "metrics.jsonl"), _records(run_dir / "ledger.jsonl")
+    assert [(r["round"], r["clients"], r.get("aggregated")) for r in rows[1:]] == [(1, 3, 3), (2, 3, 3)]
+    assert all(t["payload_bytes"] < 200 for t in ledger if t["direction"] == "up")  # seeds and scalars, not tensors
+    assert summary["final_accuracy"] == rows[-1]["accuracy"]
+    assert (run_dir / "adapter" / "model.safetensors").is_file()
+
+
+def test_an_unregistered_node_is_refused(federation):
+    key = federation.state / "rogue"
+    certs.create_node_key(federation.state, "rogue")  # a valid key the SuperLink never saw
+    federation.start_node("rogue", key, node_config(0))
+    assert federation.procs.procs["rogue"].wait(60) != 0
+    assert services.REFUSED in (federation.procs.log_dir / "rogue.log").read_text()
+    assert federation.flwr.online_nodes() == CLIENTS
+    federation.procs.stop("rogue", "rogue-worker")
+
+
+def test_an_interrupted_run_resumes_to_the_simulation_numbers(federation, simulated_fedit, tmp_path):
+    run_dir = report.create_run_dir(small_config(tmp_path))
+
+    def interrupt_after_round_1():  # Ctrl-C: fedtune stops the run on the SuperLink
+        _wait_for(lambda: (run_dir / "checkpoint.pt").exists())
+        _thread.interrupt_main()
+
+    threading.Thread(target=interrupt_after_round_1, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        federation.run(run_dir)
+    assert not (run_dir / "summary.json").exists()
+    federation.run(run_dir, resume=True)
+    assert _stable(_records(run_dir / "metrics.jsonl")) == _stable(_records(simulated_fedit / "metrics.jsonl"))
+    assert _records(run_dir / "ledger.jsonl") == _records(simulated_fedit / "ledger.jsonl")
+
+
+def test_a_node_killed_mid_round_does_not_stop_the_run(federation, tmp_path):
+    # FLoRA, the stacking family: the two survivors' adapters are stacked each round.
+    config = small_config(tmp_path, federation={"method": "flora", "timeout_s": 12.0}, lora={"client_ranks": [2, 4, 8]},
+                          train={"local_steps": 5})
+    run_dir = report.create_run_dir(config)
+    log = federation.procs.log_dir / "node-2.log"
+    seen = log.read_text().count("Receiving: train message")
+
+    def kill_node_2_when_it_trains():  # the whole edge client vanishes: SuperNode and worker
+        _wait_for(lambda: log.read_text().count("Receiving: train message") > seen)
+        for name in ("node-2", "node-2-worker"):
+            os.killpg(federation.procs.procs[name].pid, signal.SIGKILL)
+
+    threading.Thread(target=kill_node_2_when_it_trains, daemon=True).start()
+    summary = federation.run(run_dir)
+    rows, ledger = _records(run_dir / "metrics.jsonl"), _records(run_dir / "ledger.jsonl")
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    uplinks = {r: {t["client"] for t in ledger if t["round"] == r and t["direction"] == "up"} for r in (1, 2)}
+    assert uplinks == {1: {"client-0", "client-1"}, 2: {"client-0", "client-1"}}
+    assert [r["aggregated"] for r in rows[1:]] == [2, 2] and summary["client_rounds"] == 4
+    down = {(t["round"], t["client"]): t["payload_bytes"] for t in ledger if t["direction"] == "down"}
+    assert down[2, "client-0"] > down[1, "client-0"]  # round 2 carries round 1's stacked factors (ranks 2 + 4)
