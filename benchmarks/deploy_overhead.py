@@ -52,12 +52,15 @@ def run(mode: list[str], config: str, overrides: list[str], work: Path, name: st
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("config", nargs="?", default="simulations/quick.toml")
-    parser.add_argument("--set", dest="overrides", action="append", default=["run.rounds=5"])
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
+    if not any(o.startswith("run.rounds=") for o in args.overrides):
+        args.overrides.insert(0, "run.rounds=5")
 
     results = {}
     with tempfile.TemporaryDirectory(prefix="deploy-overhead-") as tmp:
         for i, (label, mode) in enumerate(MODES.items()):
+            print(f"[{i + 1}/{len(MODES)}] {label}: fedtune {' '.join(mode)} ...", flush=True)
             rows = run(mode, args.config, args.overrides, Path(tmp), f"mode{i}")
             walls = [b["wall_time_s"] - a["wall_time_s"] for a, b in zip(rows, rows[1:])]
             results[label] = (rows, walls, [r["round_train_time_s"] for r in rows[1:]])
