@@ -26,9 +26,10 @@ def small_config(tmp_path, **sections) -> RunConfig:
     return from_dict(raw)
 
 
-def small_overrides(tmp_path) -> list[str]:
-    """SMALL as `fedtune run --set` arguments."""
-    args = [f"run.output_dir={tmp_path / 'runs'}"]
+def small_overrides(tmp_path=None) -> list[str]:
+    """SMALL as `fedtune run --set` arguments; runs go to TMP_PATH/runs, or without it
+    to the default, "runs" in the working directory."""
+    args = [f"run.output_dir={tmp_path / 'runs'}"] if tmp_path else []
     args += [f"{s}.{k}={json.dumps(v)}" for s, values in SMALL.items() for k, v in values.items()]
     return [a for arg in args for a in ("--set", arg)]
 

@@ -4,10 +4,11 @@ long-running ClientApp worker; runs submitted with `flwr run`, 2 rounds each:
 FedIT (equal to the simulation), Fed-SB, FedKSeed, and FLoRA with a node killed
 mid-round. One federation serves every test of this module; the last kills a node."""
 
-import _thread
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -117,17 +118,19 @@ def test_an_unregistered_node_is_refused(federation):
 
 
 def test_an_interrupted_run_resumes_to_the_simulation_numbers(federation, simulated_fedit, tmp_path):
-    run_dir = report.create_run_dir(small_config(tmp_path))
-
-    def interrupt_after_round_1():  # Ctrl-C: fedtune stops the run on the SuperLink
-        _wait_for(lambda: (run_dir / "checkpoint.pt").exists())
-        _thread.interrupt_main()
-
-    threading.Thread(target=interrupt_after_round_1, daemon=True).start()
-    with pytest.raises(KeyboardInterrupt):
-        federation.run(run_dir)
+    # Ctrl-C on `fedtune deploy submit` after round 1: it stops the run on the SuperLink and exits.
+    connection = ["--superlink", federation.control, "--ca", str(federation.certs / certs.CA)]
+    submit = subprocess.Popen([sys.executable, "-m", "fedtune.cli", "deploy", "submit", *small_overrides(tmp_path), *connection],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: any((tmp_path / "runs").glob("*/checkpoint.pt")) or submit.poll() is not None)
+    submit.send_signal(signal.SIGINT)
+    out, err = submit.communicate(timeout=120)
+    assert submit.returncode == 130, out + err
+    assert err.strip().splitlines()[-1] == "interrupted; finished rounds are in the run directory"
+    (run_dir,) = (tmp_path / "runs").iterdir()
     assert not (run_dir / "summary.json").exists()
-    federation.run(run_dir, resume=True)
+
+    assert main(["deploy", "submit", "--resume", str(run_dir), *connection]) == 0
     assert _stable(_records(run_dir / "metrics.jsonl")) == _stable(_records(simulated_fedit / "metrics.jsonl"))
     assert _records(run_dir / "ledger.jsonl") == _records(simulated_fedit / "ledger.jsonl")
 

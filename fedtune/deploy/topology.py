@@ -94,10 +94,10 @@ class Processes:
         if log_dir:
             log_dir.mkdir(parents=True, exist_ok=True)
 
-    def start(self, name: str, command: list[str], **env: str) -> subprocess.Popen:
+    def start(self, name: str, command: list[str], cwd: Path | None = None, **env: str) -> subprocess.Popen:
         log = (self.log_dir / f"{name}.log").open("ab") if self.log_dir else subprocess.PIPE
         try:
-            proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=cwd,
                                     env={**self.env, **env}, start_new_session=True, preexec_fn=_die_with_parent)
         finally:
             if self.log_dir:
