@@ -26,16 +26,16 @@ from torch import nn
 from fedtune.config import RunConfig
 from fedtune.data import TextDataset
 from fedtune.errors import FedtuneError
-from fedtune.methods.base import ClientJob, ClientUpdate, LocalResult, Method
+from fedtune.methods.base import ClientJob, ClientUpdate, LocalResult
 from fedtune.methods.lora import (
     PREFIX,
+    AveragedAdapter,
     export_as_lora,
     load_trainable_state,
     lora_layers,
     temporarily_wrapped,
     train_adapter,
     trainable_state,
-    weighted_average,
     wrap_with_lora,
 )
 from fedtune.models import Classifier
@@ -46,7 +46,7 @@ from fedtune.wire import TensorDict
 BASIS = "basis/"
 
 
-class FedSB(Method):
+class FedSB(AveragedAdapter):
     name = "fed_sb"
     lossy_downlink = False
 
@@ -85,19 +85,8 @@ class FedSB(Method):
         return self.global_tensors
 
     def server_aggregate(self, updates: list[ClientUpdate], noise: Noise | None = None) -> None:
-        self.global_tensors = weighted_average(updates, noise)
-        load_trainable_state(self.model, self.global_tensors)
+        super().server_aggregate(updates, noise)
         self.has_bases.update(u.client for u in updates)
-
-    def server_state(self) -> dict[str, object]:
-        return {"global": self.global_tensors}
-
-    def load_server_state(self, state: dict[str, object]) -> None:
-        self.global_tensors = state["global"]
-        load_trainable_state(self.model, self.global_tensors)
-
-    def server_model(self) -> PeftModel:
-        return self.model
 
     def export(self, directory: Path) -> None:
         """As a standard LoRA adapter: lora_A = A, lora_B = B R, same scaling."""

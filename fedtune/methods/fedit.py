@@ -9,21 +9,20 @@ from pathlib import Path
 
 from peft import PeftModel
 
-from fedtune.methods.base import ClientJob, ClientUpdate, LocalResult, Method
+from fedtune.methods.base import ClientJob, LocalResult
 from fedtune.methods.lora import (
+    AveragedAdapter,
     load_trainable_state,
     save_adapter,
     train_adapter,
     trainable_state,
-    weighted_average,
     wrap_with_lora,
 )
 from fedtune.models import Classifier
-from fedtune.privacy.mechanism import Noise
 from fedtune.wire import TensorDict
 
 
-class FedIT(Method):
+class FedIT(AveragedAdapter):
     name = "fedit"
 
     def wrap(self, classifier: Classifier, seed: int) -> PeftModel:
@@ -37,20 +36,6 @@ class FedIT(Method):
 
     def server_downlink(self, client: str) -> TensorDict:
         return self.global_tensors
-
-    def server_aggregate(self, updates: list[ClientUpdate], noise: Noise | None = None) -> None:
-        self.global_tensors = weighted_average(updates, noise)
-        load_trainable_state(self.model, self.global_tensors)
-
-    def server_state(self) -> dict[str, object]:
-        return {"global": self.global_tensors}
-
-    def load_server_state(self, state: dict[str, object]) -> None:
-        self.global_tensors = state["global"]
-        load_trainable_state(self.model, self.global_tensors)
-
-    def server_model(self) -> PeftModel:
-        return self.model
 
     def export(self, directory: Path) -> None:
         save_adapter(self.model, self.classifier, directory)

@@ -17,7 +17,7 @@ from peft.utils.error import NoMatchingPeftModuleError
 from fedtune.codecs.delta import has_reference
 from fedtune.config import LoraSection, RunConfig, TrainSection
 from fedtune.errors import FedtuneError
-from fedtune.methods.base import ClientJob, ClientUpdate, LocalResult
+from fedtune.methods.base import ClientJob, ClientUpdate, LocalResult, Method
 from fedtune.models import Classifier, export_info
 from fedtune.privacy.mechanism import Noise
 from fedtune.task import load_model
@@ -97,6 +97,29 @@ def weighted_average(updates: list[ClientUpdate], noise: Noise | None = None) ->
             acc.add_(noise.sample(acc.shape, largest_weight))
         average[name] = acc
     return average
+
+
+class AveragedAdapter(Method):
+    """The server half of a method whose global state is one set of trainable
+    tensors (``global_tensors``), the weighted average of the clients', loaded
+    into the global ``model``."""
+
+    model: PeftModel
+    global_tensors: TensorDict
+
+    def server_aggregate(self, updates: list[ClientUpdate], noise: Noise | None = None) -> None:
+        self.global_tensors = weighted_average(updates, noise)
+        load_trainable_state(self.model, self.global_tensors)
+
+    def server_state(self) -> dict[str, object]:
+        return {"global": self.global_tensors}
+
+    def load_server_state(self, state: dict[str, object]) -> None:
+        self.global_tensors = state["global"]
+        load_trainable_state(self.model, self.global_tensors)
+
+    def server_model(self) -> PeftModel:
+        return self.model
 
 
 def lora_layers(model: PeftModel) -> dict[str, LoraLayer]:
