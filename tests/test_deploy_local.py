@@ -120,8 +120,11 @@ def test_an_unregistered_node_is_refused(federation):
 def test_an_interrupted_run_resumes_to_the_simulation_numbers(federation, simulated_fedit, tmp_path):
     # Ctrl-C on `fedtune deploy submit` after round 1: it stops the run on the SuperLink and exits.
     connection = ["--superlink", federation.control, "--ca", str(federation.certs / certs.CA)]
+    # SIG_DFL in the child: a shell without job control starts background jobs (this suite, say) with
+    # SIGINT ignored, which children inherit and Python then leaves ignored.
     submit = subprocess.Popen([sys.executable, "-m", "fedtune.cli", "deploy", "submit", *small_overrides(tmp_path), *connection],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     _wait_for(lambda: any((tmp_path / "runs").glob("*/checkpoint.pt")) or submit.poll() is not None)
     submit.send_signal(signal.SIGINT)
     out, err = submit.communicate(timeout=120)
