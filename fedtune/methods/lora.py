@@ -1,5 +1,6 @@
 """LoRA plumbing shared by the adapter methods: wrap a classifier, find its LoRA
-layers, read and write its trainable tensors by name, average them, export them."""
+layers, read and write its trainable tensors by name, average them (and the
+server half of the methods that keep one averaged set), export them."""
 
 from __future__ import annotations
 
