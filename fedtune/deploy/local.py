@@ -17,6 +17,7 @@ run to the old ones.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from fedtune.deploy import certs, probe
@@ -56,15 +57,20 @@ class LocalFederation:
         names = [f"node-{i}" for i in range(len(self.node_configs))]
         certs.create(self.certs, names)
         certs.check_server(self.certs)
+        started = time.monotonic()
         try:
             self._start_superlink()
+            print(f"SuperLink up: Fleet API {self.fleet} (gRPC, TLS, node authentication), Control API {self.control}",
+                  flush=True)
             for name in names:
                 self.flwr.register(self.certs / certs.NODES / f"{name}.pub")
             for name, node_config in zip(names, self.node_configs):
                 self.start_node(name, self.certs / certs.NODES / name, node_config)
+            print(f"waiting for {len(names)} SuperNodes to connect (logs: {self.procs.log_dir})", flush=True)
             # Each check is a `flwr` process: every 2 s, not to slow the starting nodes down.
             wait_for(lambda: self.flwr.online_nodes() >= len(names), READY_S, f"{len(names)} SuperNodes",
                      lambda: self.procs.check(SUPERLINK, *names), 2.0)
+            print(f"{len(names)} SuperNodes online after {time.monotonic() - started:.0f} s", flush=True)
         except BaseException:
             self.procs.stop_all()
             raise
