@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedtune.errors import FedtuneError
+
+if TYPE_CHECKING:  # the CLI imports the heavy modules only for the command it runs
+    from fedtune.config import RunConfig
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,7 +59,7 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _prepare(args: argparse.Namespace):
+def _prepare(args: argparse.Namespace) -> tuple[RunConfig, Path]:
     """The validated config and its run directory (new, or --resume's)."""
     from fedtune import checkpoint, report
     from fedtune.config import load_config

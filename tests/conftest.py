@@ -7,6 +7,8 @@ import json
 import pytest
 
 from fedtune.config import RunConfig, from_dict
+from fedtune.methods import get_method
+from fedtune.task import load_model
 
 
 SMALL = {  # MiniLM on 120 Rotten Tomatoes snippets, 3 clients: seconds per round
@@ -63,3 +65,14 @@ def expected_payload_size(method: str, rnd: int, client: str, tensors, num_examp
         )
         size += _field_len(body)
     return size + (1 + _varint_len(num_examples) if num_examples else 0)
+
+
+def assert_fedit_payload_sizes(config: RunConfig, ledger: list[dict]) -> None:
+    """Every transfer of a FedIT run on SMALL is exactly the payload holding the
+    adapter: downlinks carry no example count, each uplink its client's 40 of the 120."""
+    method = get_method(config)
+    method.server_init(load_model(config))
+    adapter = method.server_downlink("client-0")
+    for t in ledger:
+        n = 40 if t["direction"] == "up" else 0
+        assert t["payload_bytes"] == expected_payload_size("fedit", t["round"], t["client"], adapter, n)

@@ -14,15 +14,13 @@ import time
 
 import pytest
 
-from conftest import expected_payload_size, small_config, small_overrides
+from conftest import assert_fedit_payload_sizes, small_config, small_overrides
 from fedtune import report
 from fedtune.cli import main
 from fedtune.deploy import certs, services
 from fedtune.deploy.local import LocalFederation
 from fedtune.deploy.topology import node_config
-from fedtune.methods import get_method
 from fedtune.simulation import run_simulation
-from fedtune.task import load_model
 
 pytestmark = pytest.mark.integration
 CLIENTS = 3
@@ -72,13 +70,7 @@ def test_fedit_through_fedtune_deploy_submit_gives_the_simulation_numbers(federa
     # The same code over gRPC and TLS: the same numbers, and the same exact bytes, as in simulation.
     assert _stable(rows) == _stable(_records(simulated_fedit / "metrics.jsonl"))
     assert ledger == _records(simulated_fedit / "ledger.jsonl")
-    config = small_config(tmp_path)
-    method = get_method(config)
-    method.server_init(load_model(config))
-    adapter = method.server_downlink("client-0")
-    for t in ledger:
-        n = 40 if t["direction"] == "up" else 0  # each client holds 40 of the 120 examples
-        assert t["payload_bytes"] == expected_payload_size("fedit", t["round"], t["client"], adapter, n)
+    assert_fedit_payload_sizes(small_config(tmp_path), ledger)
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
 
 

@@ -5,12 +5,10 @@ import json
 
 import pytest
 
-from conftest import expected_payload_size, small_config, small_overrides
+from conftest import assert_fedit_payload_sizes, small_config, small_overrides
 from fedtune import report
 from fedtune.cli import main
-from fedtune.methods import get_method
 from fedtune.simulation import run_simulation
-from fedtune.task import load_model
 
 pytestmark = pytest.mark.integration
 
@@ -34,13 +32,8 @@ def test_three_clients_two_rounds_twice(tmp_path, capsys):
     assert (run_dir / "config.toml").is_file() and (run_dir / "summary.json").is_file()
 
     # Bytes: every transfer is the exact size of the payload holding the adapter.
-    method = get_method(config)
-    method.server_init(load_model(config))
-    adapter = method.server_downlink("client-0")
-    for t in ledger:
-        n = 40 if t["direction"] == "up" else 0  # each client holds 40 of the 120 examples
-        assert t["payload_bytes"] == expected_payload_size("fedit", t["round"], t["client"], adapter, n)
-        assert t["message_bytes"] > t["payload_bytes"]
+    assert_fedit_payload_sizes(config, ledger)
+    assert all(t["message_bytes"] > t["payload_bytes"] for t in ledger)
     assert rows[1]["bytes_down"] == sum(t["payload_bytes"] for t in ledger if t["round"] == 1 and t["direction"] == "down")
     assert rows[-1]["cum_bytes_up"] == summary["total_bytes_up"] == sum(t["payload_bytes"] for t in ledger if t["direction"] == "up")
 
