@@ -45,11 +45,11 @@ def main() -> None:
     method = get_method(load_config(args.config))
     method.server_init(load_model(method.config))
     g = torch.Generator().manual_seed(0)
-    tensors = {n: torch.randn(t.shape, generator=g) * 0.01 for n, t in method.server_downlink("client-0").items()}
+    tensors = {n: torch.randn(t.shape, generator=g) * 0.01 for n, t in method.server_downlink(0).items()}
     raw_mb = sum(t.numel() * 4 for t in tensors.values()) / 1e6
     copy_s = median_time(lambda: {n: t.clone() for n, t in tensors.items()}, args.repeats)
     print(f"adapter: {len(tensors)} tensors, {raw_mb:.2f} MB float32; memory copy {raw_mb / copy_s:,.0f} MB/s\n")
-    print(f"| chain | bytes | ratio | encode MB/s | decode MB/s | encode / copy time | decode / copy time |")
+    print("| chain | bytes | ratio | encode MB/s | decode MB/s | encode / copy time | decode / copy time |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for specs in CHAINS:
         chain = parse_chain(specs, "chain")

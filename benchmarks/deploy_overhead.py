@@ -22,12 +22,13 @@ Usage: python benchmarks/deploy_overhead.py [CONFIG] [--set SECTION.KEY=VALUE ..
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from fedtune.report.rows import RoundRow, read_rows
 
 MODES = {
     "simulation": ["run"],
@@ -37,7 +38,7 @@ MODES = {
 STABLE = ("round", "accuracy", "loss", "bytes_down", "bytes_up")
 
 
-def run(mode: list[str], config: str, overrides: list[str], work: Path, name: str) -> list[dict]:
+def run(mode: list[str], config: str, overrides: list[str], work: Path, name: str) -> list[RoundRow]:
     args = [*mode, config, *[a for o in overrides for a in ("--set", o)],
             "--set", f"run.output_dir={work / 'runs'}", "--set", f"run.name={name}"]
     if mode[0] == "deploy":
@@ -45,8 +46,8 @@ def run(mode: list[str], config: str, overrides: list[str], work: Path, name: st
     out = subprocess.run([sys.executable, "-m", "fedtune.cli", *args], capture_output=True, text=True)
     if out.returncode:
         sys.exit(f"fedtune {' '.join(mode)} failed:\n{out.stderr[-2000:]}")
-    run_dir = Path(out.stdout.rsplit("results: ", 1)[1].strip())
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    (run_dir,) = (work / "runs").glob(f"{name}-*")
+    return read_rows(run_dir)
 
 
 def main() -> None:
@@ -62,8 +63,8 @@ def main() -> None:
         for i, (label, mode) in enumerate(MODES.items()):
             print(f"[{i + 1}/{len(MODES)}] {label}: fedtune {' '.join(mode)} ...", flush=True)
             rows = run(mode, args.config, args.overrides, Path(tmp), f"mode{i}")
-            walls = [b["wall_time_s"] - a["wall_time_s"] for a, b in zip(rows, rows[1:])]
-            results[label] = (rows, walls, [r["round_train_time_s"] for r in rows[1:]])
+            walls = [b.wall_time_s - a.wall_time_s for a, b in zip(rows, rows[1:])]
+            results[label] = (rows, walls, [r.round_train_time_s for r in rows[1:]])
 
     print(f"config {args.config} {' '.join(args.overrides)}")
     print(f"{'mode':36}{'round s':>9}{'ratio':>7}{'training s':>12}{'ratio':>7}   each round's wall s")
@@ -72,7 +73,7 @@ def main() -> None:
         wall, train = statistics.median(walls), statistics.median(trains)
         print(f"{label:36}{wall:9.1f}{wall / base_wall:7.2f}{train:12.1f}{train / base_train:7.2f}   "
               + " ".join(f"{w:.1f}" for w in walls))
-    same = [[{k: r.get(k) for k in STABLE} for r in rows] for rows, _, _ in results.values()]
+    same = [[{k: getattr(r, k) for k in STABLE} for r in rows] for rows, _, _ in results.values()]
     print("metrics (accuracy, loss, bytes per round) identical in all three:", all(s == same[0] for s in same))
 
 

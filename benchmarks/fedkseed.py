@@ -19,7 +19,7 @@ import torch
 
 from fedtune.config import load_config
 from fedtune.methods import ClientJob, get_method
-from fedtune.task import client_data, client_name, load_model, load_splits
+from fedtune.task import client_data, load_model, load_splits
 from one_client import in_fresh_process, initial_adapter, peak_rss_bytes
 
 
@@ -41,7 +41,7 @@ def workload(config_path: str, mode: str, steps: int) -> dict:
     else:
         # FedKSeed's first round has nothing to replay; FedIT's brings the initial adapter.
         downlink = initial_adapter(classifier, config) if mode == "lora" else {}
-        method.client_train(classifier, downlink, ClientJob(client_name(0), data, seed=1))
+        method.client_train(classifier, downlink, ClientJob(0, data, seed=1))
     elapsed = time.perf_counter() - started
     return {"peak_rss_mb": peak_rss_bytes() / 2**20, "loaded_mb": loaded / 2**20,
             "steps_per_s": steps / elapsed}

@@ -14,13 +14,15 @@ import argparse
 import torch
 
 from fedtune import wire
+from fedtune.clients import client_name
 from fedtune.config import load_config
 from fedtune.methods import ClientUpdate, get_method
-from fedtune.task import client_name, load_model
+from fedtune.rounds.release import by_examples
+from fedtune.task import load_model
 
 
-def downlink_bytes(method, client: str, rnd: int) -> int:
-    return len(wire.encode(wire.Payload(method.name, rnd, client, method.server_downlink(client))))
+def downlink_bytes(method, client: int, rnd: int) -> int:
+    return len(wire.encode(wire.Payload(method.name, rnd, client_name(client), method.server_downlink(client))))
 
 
 def main() -> None:
@@ -37,15 +39,16 @@ def main() -> None:
         config = load_config(args.config, overrides)
         method = get_method(config)
         method.server_init(load_model(config))
-        clients = [client_name(pid) for pid in range(n)]
+        clients = list(range(n))
         sizes = []
         for rnd in range(1, args.rounds + 1):
             sizes.append(downlink_bytes(method, clients[0], rnd))
             g = torch.Generator().manual_seed(rnd)
-            method.server_aggregate([
+            updates = [
                 ClientUpdate(c, {k: torch.randn(t.shape, generator=g) for k, t in method.uplink_template(c).items()}, 1)
                 for c in clients
-            ])
+            ]
+            method.server_aggregate(updates, by_examples(updates))
         fedit = get_method(load_config(args.config, [f"partition.num_clients={n}", "federation.method=fedit"]))
         fedit.server_init(load_model(config))
         print(f"| {n} | {' | '.join(f'{s:,}' for s in sizes)} | {downlink_bytes(fedit, clients[0], 1):,} |", flush=True)

@@ -23,10 +23,10 @@ from transformers import AutoTokenizer
 
 from fedtune.config import load_config
 from fedtune.hardware.cost import FRAMEWORK_BYTES, ModelShape, compute_seconds, peak_memory
-from fedtune.hardware.profiles import DeviceProfile
+from fedtune.hardware.catalogue import DeviceProfile
 from fedtune.methods import ClientJob, get_method
 from fedtune.models import resolve_model_path
-from fedtune.task import client_data, client_name, load_model
+from fedtune.task import client_data, load_model
 from one_client import in_fresh_process, initial_adapter, peak_rss_bytes
 
 KINDS = {"lora": ("fedit", "adapter"), "zo": ("fedkseed", "zeroth_order")}
@@ -55,7 +55,7 @@ def workload(config_path: str, mode: str, steps: int) -> dict:
     data = client_data(config, 0)
     downlink = initial_adapter(classifier, config) if mode == "lora" else {}
     started = time.perf_counter()
-    result = method.client_train(classifier, downlink, ClientJob(client_name(0), data, seed=1))
+    result = method.client_train(classifier, downlink, ClientJob(0, data, seed=1))
     elapsed = time.perf_counter() - started
     shape = ModelShape.of(classifier.model)
     trained = sum(t.numel() for t in result.tensors.values()) if mode == "lora" else max(
@@ -89,7 +89,7 @@ def main() -> None:
     print(f"framework alone (torch, transformers, the tokenizer): peak RSS {framework / 1e6:,.0f} MB; "
           f"the memory model assumes {FRAMEWORK_BYTES / 1e6:,.0f} MB")
     config = load_config(args.config)
-    print(f"\n| workload | tokens | measured s | predicted s | predicted / measured | measured peak MB | predicted peak MB | predicted / measured |")
+    print("\n| workload | tokens | measured s | predicted s | predicted / measured | measured peak MB | predicted peak MB | predicted / measured |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for mode, (method_name, kind) in KINDS.items():
         r = run(mode)

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 from fedtune.config import RunConfig
-from fedtune.methods.lora import trainable_state, wrap_with_lora
+from fedtune.methods.adapters import trainable_state, wrap_with_lora
 from fedtune.models import Classifier
 from fedtune.wire import TensorDict
 

@@ -4,7 +4,7 @@ trained on as many examples as the whole federated run processes."""
 from __future__ import annotations
 
 from fedtune.config import RunConfig
-from fedtune.methods.lora import wrap_with_lora
+from fedtune.methods.adapters import wrap_with_lora
 from fedtune.task import derive_seed, load_model, load_splits
 from fedtune.training import EvalResult, evaluate, train_steps
 

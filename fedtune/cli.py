@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fedtune.environment import configure_process
 from fedtune.errors import FedtuneError
 
 if TYPE_CHECKING:  # the CLI imports the heavy modules only for the command it runs
@@ -26,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     compare.set_defaults(func=_compare)
     _deploy_parsers(sub)
     args = parser.parse_args(argv)
+    configure_process()
     try:
         return args.func(args)
     except FedtuneError as exc:
@@ -44,8 +46,9 @@ def _job_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from fedtune import report
     from fedtune.centralized import centralized_steps, run_centralized
+    from fedtune.report.console import summary_table
+    from fedtune.report.run_dir import add_centralized
     from fedtune.simulation import run_simulation
 
     config, run_dir = _prepare(args)
@@ -53,19 +56,20 @@ def _run(args: argparse.Namespace) -> int:
     if config.run.centralized_baseline:
         steps = centralized_steps(config)
         print(f"centralized baseline: {steps} steps on the pooled data ...", flush=True)
-        summary = report.add_centralized(run_dir, run_centralized(config), steps)
-    print(report.summary_table(summary))
+        summary = add_centralized(run_dir, run_centralized(config), steps)
+    print(summary_table(summary))
     print(f"results: {run_dir}")
     return 0
 
 
 def _prepare(args: argparse.Namespace) -> tuple[RunConfig, Path]:
     """The validated config and its run directory (new, or --resume's)."""
-    from fedtune import checkpoint, report
+    from fedtune import checkpoint
     from fedtune.config import load_config
-    from fedtune.methods import get_method
-    from fedtune.privacy.accounting import Budget
-    from fedtune.task import client_name, client_partitions, load_model
+    from fedtune.methods.registry import get_method
+    from fedtune.privacy.factory import server_privacy
+    from fedtune.report.run_dir import create_run_dir
+    from fedtune.task import client_partitions, load_model
 
     if args.resume:
         if args.config or args.overrides:
@@ -78,12 +82,11 @@ def _prepare(args: argparse.Namespace) -> tuple[RunConfig, Path]:
     # Preflight in this process: every user mistake surfaces here as one line,
     # before Ray starts, and a GGUF model is converted once, not once per client.
     parts = client_partitions(config)
-    get_method(config).server_init(load_model(config))
-    if config.privacy.mode != "none":
-        Budget(config, {client_name(i): len(p) for i, p in enumerate(parts)}).check_first_round()
+    get_method(config).check(load_model(config))
+    server_privacy(config, {i: len(p) for i, p in enumerate(parts)}).check_first_round()
 
     if not args.resume:
-        run_dir = report.create_run_dir(config)
+        run_dir = create_run_dir(config)
     print(f"run directory: {run_dir}", flush=True)
     return config, run_dir
 
@@ -133,8 +136,8 @@ def _deploy_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def _deploy(args: argparse.Namespace) -> int:
-    from fedtune import report
     from fedtune.deploy import commands
+    from fedtune.report.console import summary_table
 
     if args.action not in ("local", "submit"):
         return getattr(commands, f"{args.command}_{args.action}")(args)
@@ -143,7 +146,7 @@ def _deploy(args: argparse.Namespace) -> int:
             raise FedtuneError("--resume runs with the run directory's own config.toml: drop --clients")
         args.overrides.append(f"partition.num_clients={args.clients}")
     summary, run_dir = commands.run_job(args, lambda: _prepare(args))
-    print(report.summary_table(summary))
+    print(summary_table(summary))
     print(f"results: {run_dir}")
     return 0
 

@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from fedtune.codecs.spec import parse_chain
-from fedtune.errors import FedtuneError
+from fedtune.errors import FedtuneError, require
+from fedtune.hardware.catalogue import load_catalogue
+from fedtune.methods.options import DEFAULT_METHOD, FedKSeedSection, FedSBSection, FLoRASection
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,7 @@ class PartitionSection:
 
 @dataclass(frozen=True)
 class FederationSection:
-    method: str = "fedit"
+    method: str = DEFAULT_METHOD
     clients_per_round: int = 0  # 0 = every client, every round
     timeout_s: float = 3600.0
     # A round needs this many valid updates; with fewer it is run again (new
@@ -96,26 +98,6 @@ class LoraSection:
     dropout: float = 0.0
     # Empty: PEFT's default for the architecture (query and value projections).
     target_modules: list[str] = field(default_factory=list)
-    # One rank per client, in partition order (FLoRA only); empty: every client uses rank.
-    client_ranks: list[int] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class FedSBSection:
-    # Server-held examples, disjoint from every client's data and from the test set,
-    # whose gradient fixes Fed-SB's A and B (see fedtune/methods/fed_sb.py).
-    calibration_size: int = 64
-
-
-@dataclass(frozen=True)
-class FedKSeedSection:
-    num_seeds: int = 4096  # K candidate seeds, derived from run.seed
-    eps: float = 1e-3  # perturbation scale of the two-point estimate
-    # Parameters tuned: substrings of their names; "head" is the classifier head,
-    # "all" every parameter. Empty: the layers LoRA would adapt, and the head.
-    params: list[str] = field(default_factory=list)
-    pro: bool = False  # FedKSeed-Pro: sample seeds by their history of |g|
-    encoding: str = "compact"  # "paper": per-step pairs up, dense K-vector down
 
 
 @dataclass(frozen=True)
@@ -150,7 +132,8 @@ class HardwareSection:
     devices: list[str] = field(default_factory=list)
     deadline_s: float = 0.0  # simulated seconds a round may take; 0: wait for the slowest
     stragglers: str = "drop"  # past the deadline: "drop" the update, or keep the "partial" work done by then
-    plan_ranks: bool = False  # FLoRA: each client the largest lora.rank_choices rank that fits its memory
+    # Each client the largest hardware.rank_choices rank that fits its memory (methods with a rank per client).
+    plan_ranks: bool = False
     rank_choices: list[int] = field(default_factory=lambda: [64, 32, 16, 8, 4, 2])
 
     @property
@@ -173,6 +156,8 @@ class RunConfig:
     federation: FederationSection = field(default_factory=FederationSection)
     train: TrainSection = field(default_factory=TrainSection)
     lora: LoraSection = field(default_factory=LoraSection)
+    # The methods' own sections (fedtune/methods/options.py).
+    flora: FLoRASection = field(default_factory=FLoRASection)
     fed_sb: FedSBSection = field(default_factory=FedSBSection)
     fedkseed: FedKSeedSection = field(default_factory=FedKSeedSection)
     compression: CompressionSection = field(default_factory=CompressionSection)
@@ -273,82 +258,67 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     raw.setdefault(section, {})[name] = value
 
 
-def _require(ok: bool, key: str, rule: str, value: Any) -> None:
-    if not ok:
-        raise FedtuneError(f"config key {key} must be {rule}, got {value!r}")
-
-
 def validate(c: RunConfig) -> None:
     """Range checks that types alone cannot express. Method names are checked by the registry."""
-    _require(c.run.rounds >= 1, "run.rounds", ">= 1", c.run.rounds)
-    _require(0 <= c.run.target_accuracy <= 1, "run.target_accuracy", "in [0, 1] (0 = none)", c.run.target_accuracy)
-    _require(c.model.max_length >= 8, "model.max_length", ">= 8", c.model.max_length)
-    _require(c.data.test_size >= 1, "data.test_size", ">= 1", c.data.test_size)
-    _require(c.data.train_size >= 0, "data.train_size", ">= 0 (0 = all)", c.data.train_size)
-    _require("{text}" in c.data.prompt, "data.prompt", "a template containing {text}", c.data.prompt)
-    _require(
+    require(c.run.rounds >= 1, "run.rounds", ">= 1", c.run.rounds)
+    require(0 <= c.run.target_accuracy <= 1, "run.target_accuracy", "in [0, 1] (0 = none)", c.run.target_accuracy)
+    require(c.model.max_length >= 8, "model.max_length", ">= 8", c.model.max_length)
+    require(c.data.test_size >= 1, "data.test_size", ">= 1", c.data.test_size)
+    require(c.data.train_size >= 0, "data.train_size", ">= 0 (0 = all)", c.data.train_size)
+    require("{text}" in c.data.prompt, "data.prompt", "a template containing {text}", c.data.prompt)
+    require(
         not c.data.label_words or len(c.data.label_words) == len(c.data.labels),
         "data.label_words",
         f"one word per label ({len(c.data.labels)} labels)",
         c.data.label_words,
     )
-    _require(
+    require(
         c.partition.scheme in PARTITION_SCHEMES,
         "partition.scheme",
         f"one of {', '.join(PARTITION_SCHEMES)}",
         c.partition.scheme,
     )
-    _require(c.partition.num_clients >= 1, "partition.num_clients", ">= 1", c.partition.num_clients)
-    _require(c.partition.alpha > 0, "partition.alpha", "> 0", c.partition.alpha)
-    _require(
+    require(c.partition.num_clients >= 1, "partition.num_clients", ">= 1", c.partition.num_clients)
+    require(c.partition.alpha > 0, "partition.alpha", "> 0", c.partition.alpha)
+    require(
         0 <= c.federation.clients_per_round <= c.partition.num_clients,
         "federation.clients_per_round",
         f"between 0 (all) and partition.num_clients={c.partition.num_clients}",
         c.federation.clients_per_round,
     )
-    _require(c.federation.timeout_s > 0, "federation.timeout_s", "> 0", c.federation.timeout_s)
+    require(c.federation.timeout_s > 0, "federation.timeout_s", "> 0", c.federation.timeout_s)
     per_round = c.federation.clients_per_round or c.partition.num_clients
-    _require(
+    require(
         1 <= c.federation.min_replies <= per_round,
         "federation.min_replies",
         f"between 1 and the clients per round ({per_round})",
         c.federation.min_replies,
     )
-    _require(c.federation.round_retries >= 0, "federation.round_retries", ">= 0", c.federation.round_retries)
-    _require(c.federation.max_update_norm >= 0, "federation.max_update_norm", ">= 0 (0 = no bound)", c.federation.max_update_norm)
-    _require(c.train.local_steps >= 1, "train.local_steps", ">= 1", c.train.local_steps)
-    _require(c.train.batch_size >= 1, "train.batch_size", ">= 1", c.train.batch_size)
-    _require(c.train.optimizer in OPTIMIZERS, "train.optimizer", f"one of {OPTIMIZERS}", c.train.optimizer)
-    _require(c.train.lr > 0, "train.lr", "> 0", c.train.lr)
-    _require(c.train.weight_decay >= 0, "train.weight_decay", ">= 0", c.train.weight_decay)
-    _require(c.train.eval_batch_size >= 1, "train.eval_batch_size", ">= 1", c.train.eval_batch_size)
-    _require(c.lora.rank >= 1, "lora.rank", ">= 1", c.lora.rank)
-    _require(c.lora.alpha > 0, "lora.alpha", "> 0", c.lora.alpha)
-    _require(0 <= c.lora.dropout < 1, "lora.dropout", "in [0, 1)", c.lora.dropout)
-    _require(
-        not c.lora.client_ranks or len(c.lora.client_ranks) == c.partition.num_clients,
-        "lora.client_ranks",
-        f"empty or one rank per client (partition.num_clients={c.partition.num_clients})",
-        c.lora.client_ranks,
-    )
-    _require(all(r >= 1 for r in c.lora.client_ranks), "lora.client_ranks", "ranks >= 1", c.lora.client_ranks)
-    _require(c.fed_sb.calibration_size >= 1, "fed_sb.calibration_size", ">= 1", c.fed_sb.calibration_size)
-    k = c.fedkseed
-    _require(1 <= k.num_seeds <= 2**31 - 1, "fedkseed.num_seeds", "between 1 and 2**31 - 1", k.num_seeds)
-    _require(k.eps > 0, "fedkseed.eps", "> 0", k.eps)
-    _require(k.encoding in ("paper", "compact"), "fedkseed.encoding", "'paper' or 'compact'", k.encoding)
+    require(c.federation.round_retries >= 0, "federation.round_retries", ">= 0", c.federation.round_retries)
+    require(c.federation.max_update_norm >= 0, "federation.max_update_norm", ">= 0 (0 = no bound)", c.federation.max_update_norm)
+    require(c.train.local_steps >= 1, "train.local_steps", ">= 1", c.train.local_steps)
+    require(c.train.batch_size >= 1, "train.batch_size", ">= 1", c.train.batch_size)
+    require(c.train.optimizer in OPTIMIZERS, "train.optimizer", f"one of {OPTIMIZERS}", c.train.optimizer)
+    require(c.train.lr > 0, "train.lr", "> 0", c.train.lr)
+    require(c.train.weight_decay >= 0, "train.weight_decay", ">= 0", c.train.weight_decay)
+    require(c.train.eval_batch_size >= 1, "train.eval_batch_size", ">= 1", c.train.eval_batch_size)
+    require(c.lora.rank >= 1, "lora.rank", ">= 1", c.lora.rank)
+    require(c.lora.alpha > 0, "lora.alpha", "> 0", c.lora.alpha)
+    require(0 <= c.lora.dropout < 1, "lora.dropout", "in [0, 1)", c.lora.dropout)
+    for section in (c.flora, c.fed_sb, c.fedkseed):
+        section.validate(c)
     up = parse_chain(c.compression.up, "compression.up")
     down = parse_chain(c.compression.down, "compression.down")
-    _require(not down.biased, "compression.down", "free of sparsifiers and ternary (the downlink is the model itself)", c.compression.down)
+    require(not down.biased, "compression.down", "free of sparsifiers and ternary (the downlink is the model itself)", c.compression.down)
     p = c.privacy
-    _require(p.mode in PRIVACY_MODES, "privacy.mode", f"one of {', '.join(PRIVACY_MODES)}", p.mode)
-    _require(p.epsilon > 0, "privacy.epsilon", "> 0", p.epsilon)
-    _require(0 < p.delta < 1, "privacy.delta", "in (0, 1)", p.delta)
-    _require(p.clip > 0, "privacy.clip", "> 0", p.clip)
-    _require(p.noise_multiplier >= 0, "privacy.noise_multiplier", ">= 0 (0 = calibrate to the budget)", p.noise_multiplier)
-    _require(p.noise_on in ("server", "clients"), "privacy.noise_on", "'server' or 'clients'", p.noise_on)
-    _require(p.accountant in ("rdp", "prv"), "privacy.accountant", "'rdp' or 'prv'", p.accountant)
-    _require(
+    require(p.mode in PRIVACY_MODES, "privacy.mode", f"one of {', '.join(PRIVACY_MODES)}", p.mode)
+    require(p.epsilon > 0, "privacy.epsilon", "> 0", p.epsilon)
+    require(0 < p.delta < 1, "privacy.delta", "in (0, 1)", p.delta)
+    require(p.clip > 0, "privacy.clip", "> 0", p.clip)
+    require(p.noise_multiplier >= 0, "privacy.noise_multiplier", ">= 0 (0 = calibrate to the budget)", p.noise_multiplier)
+    require(p.noise_on in ("server", "clients"), "privacy.noise_on", "'server' or 'clients'", p.noise_on)
+    require(p.accountant in ("rdp", "prv"), "privacy.accountant", "'rdp' or 'prv'", p.accountant)
+    require(
         not (p.mode == "client" and p.noise_on == "server" and up.lossy),
         "compression.up",
         "lossless under privacy.mode 'client' with noise_on 'server' (a lossy codec, with error feedback above "
@@ -356,36 +326,33 @@ def validate(c: RunConfig) -> None:
         c.compression.up,
     )
     h = c.hardware
-    _require(not (h.mix and h.devices), "hardware.mix", "empty when hardware.devices is set", h.mix)
-    _require(all(v >= 0 for v in h.mix.values()), "hardware.mix", "shares >= 0", h.mix)
-    _require(not h.mix or abs(sum(h.mix.values()) - 1) < 1e-6, "hardware.mix", "shares summing to 1", h.mix)
-    _require(
+    require(not (h.mix and h.devices), "hardware.mix", "empty when hardware.devices is set", h.mix)
+    require(all(v >= 0 for v in h.mix.values()), "hardware.mix", "shares >= 0", h.mix)
+    require(not h.mix or abs(sum(h.mix.values()) - 1) < 1e-6, "hardware.mix", "shares summing to 1", h.mix)
+    require(
         not h.devices or len(h.devices) == c.partition.num_clients,
         "hardware.devices",
         f"empty or one profile per client (partition.num_clients={c.partition.num_clients})",
         h.devices,
     )
-    _require(h.deadline_s >= 0, "hardware.deadline_s", ">= 0 (0 = no deadline)", h.deadline_s)
-    _require(h.modelled or not h.deadline_s, "hardware.deadline_s", "0 unless hardware.mix or hardware.devices", h.deadline_s)
-    _require(h.stragglers in ("drop", "partial"), "hardware.stragglers", "'drop' or 'partial'", h.stragglers)
-    _require(h.rank_choices and all(r >= 1 for r in h.rank_choices), "hardware.rank_choices", "ranks >= 1", h.rank_choices)
-    _require(
-        not h.plan_ranks or (c.federation.method == "flora" and h.modelled and not c.lora.client_ranks),
+    require(h.deadline_s >= 0, "hardware.deadline_s", ">= 0 (0 = no deadline)", h.deadline_s)
+    require(h.modelled or not h.deadline_s, "hardware.deadline_s", "0 unless hardware.mix or hardware.devices", h.deadline_s)
+    require(h.stragglers in ("drop", "partial"), "hardware.stragglers", "'drop' or 'partial'", h.stragglers)
+    require(h.rank_choices and all(r >= 1 for r in h.rank_choices), "hardware.rank_choices", "ranks >= 1", h.rank_choices)
+    require(
+        not h.plan_ranks or (h.modelled and not c.flora.client_ranks),
         "hardware.plan_ranks",
-        "false unless federation.method is 'flora' (the one method with a rank per client), hardware.mix or "
-        "hardware.devices is set, and lora.client_ranks is empty",
+        "false unless hardware.mix or hardware.devices is set and flora.client_ranks is empty",
         h.plan_ranks,
     )
     if h.modelled:
-        from fedtune.hardware.profiles import load_catalogue  # here, not at the top: it imports this module
-
         known = load_catalogue(h.catalogue)
         unknown = sorted((set(h.mix) | set(h.devices)) - known.keys())
-        _require(not unknown, "hardware.mix" if h.mix else "hardware.devices", f"names of profiles in the catalogue ({', '.join(known)})", unknown)
-    _require(
+        require(not unknown, "hardware.mix" if h.mix else "hardware.devices", f"names of profiles in the catalogue ({', '.join(known)})", unknown)
+    require(
         c.simulation.cpus_per_client >= 1, "simulation.cpus_per_client", ">= 1", c.simulation.cpus_per_client
     )
-    _require(
+    require(
         c.simulation.max_parallel_clients >= 0,
         "simulation.max_parallel_clients",
         ">= 0",

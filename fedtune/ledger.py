@@ -14,6 +14,8 @@ from pathlib import Path
 from flwr.app import RecordDict
 from flwr.common.serde import recorddict_to_proto
 
+from fedtune.checkpoint import cut_back
+
 
 @dataclass(frozen=True)
 class Transfer:
@@ -39,8 +41,6 @@ class Ledger:
     @classmethod
     def resume(cls, path: Path, last_round: int) -> "Ledger":
         """The ledger of a run resumed after ``last_round`` (its file cut back to it)."""
-        from fedtune.checkpoint import cut_back
-
         ledger = cls(path)
         ledger.transfers = [Transfer(**record) for record in cut_back(path, last_round)]
         return ledger

@@ -26,7 +26,6 @@ from transformers import (
     AutoTokenizer,
     PreTrainedTokenizerBase,
 )
-from transformers.utils import logging as transformers_logging
 from transformers.models.auto.modeling_auto import (
     MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
     MODEL_FOR_MASKED_LM_MAPPING_NAMES,
@@ -34,11 +33,6 @@ from transformers.models.auto.modeling_auto import (
 
 from fedtune.config import DataSection, ModelSection
 from fedtune.errors import FedtuneError
-
-# fedtune prints its own progress; transformers' per-load reports and bars would
-# repeat once per client and round.
-transformers_logging.set_verbosity_error()
-transformers_logging.disable_progress_bar()
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED = {  # name -> (package, pip name)

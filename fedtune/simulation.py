@@ -8,9 +8,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fedtune.config import RunConfig
+from fedtune.environment import configure_process
 
 if TYPE_CHECKING:
     from flwr.clientapp import ClientApp
+
+    from fedtune.report.rows import RunSummary
 
 
 def _not_a_deprecation_notice(record: logging.LogRecord) -> bool:
@@ -30,7 +33,7 @@ def quiet_flower(verbose: bool) -> None:
 
 def run_simulation(
     config: RunConfig, run_dir: Path, verbose: bool = False, client_app: ClientApp | None = None, resume: bool = False
-) -> dict:
+) -> RunSummary:
     """Run the federated job (``resume``: continue it from its checkpoint); returns
     its summary or raises what the ServerApp raised. ``client_app`` replaces
     fedtune's own (tests use it to plant a faulty client)."""
@@ -39,6 +42,7 @@ def run_simulation(
     from fedtune.app import client
     from fedtune.app.server import make_server_app
 
+    configure_process()  # before Ray starts: its workers inherit the environment
     quiet_flower(verbose)
     cores = os.cpu_count() or 1
     per_client = config.simulation.cpus_per_client

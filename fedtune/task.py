@@ -61,12 +61,3 @@ def load_model(config: RunConfig) -> Classifier:
 def derive_seed(*parts: int) -> int:
     """A 32-bit seed unique to a tuple such as (run seed, round, partition id)."""
     return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
-
-
-def client_name(partition_id: int) -> str:
-    return f"client-{partition_id}"
-
-
-def partition_id_of(client: str) -> int:
-    """Inverse of :func:`client_name`."""
-    return int(client.removeprefix("client-"))

@@ -16,11 +16,10 @@ from google.protobuf.message import DecodeError
 
 from fedtune.codecs.dense import PayloadError
 from fedtune.codecs.spec import Chain, parse_chain
-from fedtune.codecs.tensor import PLAIN, decode_tensor, encode_tensor
+from fedtune.codecs.tensor import PLAIN, TensorDict, decode_tensor, encode_tensor
 from fedtune.errors import FedtuneError
 from fedtune.proto import fedtune_pb2 as pb
 
-TensorDict = dict[str, torch.Tensor]
 MAX_DECOMPRESSED = 2**31  # bytes: a larger inflated payload is refused, not allocated
 MAX_PAYLOAD = 2**31 - 2**20  # bytes: protobuf and Flower's gRPC channels stop at 2 GiB
 

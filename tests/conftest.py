@@ -7,8 +7,12 @@ import json
 import pytest
 
 from fedtune.config import RunConfig, from_dict
+from fedtune.environment import configure_process
 from fedtune.methods import get_method
+from fedtune.rounds.release import by_examples
 from fedtune.task import load_model
+
+configure_process()  # what every fedtune entry point does first
 
 
 SMALL = {  # MiniLM on 120 Rotten Tomatoes snippets, 3 clients: seconds per round
@@ -72,7 +76,12 @@ def assert_fedit_payload_sizes(config: RunConfig, ledger: list[dict]) -> None:
     adapter: downlinks carry no example count, each uplink its client's 40 of the 120."""
     method = get_method(config)
     method.server_init(load_model(config))
-    adapter = method.server_downlink("client-0")
+    adapter = method.server_downlink(0)
     for t in ledger:
         n = 40 if t["direction"] == "up" else 0
         assert t["payload_bytes"] == expected_payload_size("fedit", t["round"], t["client"], adapter, n)
+
+
+def fedavg(method, updates) -> None:
+    """The server half aggregates ``updates`` as plain FedAvg (no DP, no robust rule)."""
+    method.server_aggregate(updates, by_examples(updates))

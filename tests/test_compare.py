@@ -20,6 +20,7 @@ from fedtune.compare.report import write_report
 from fedtune.compare.runner import CellResult
 from fedtune.compare.table import pareto_front
 from fedtune.errors import FedtuneError
+from fedtune.report.rows import RoundRow, RunSummary, to_json
 
 from conftest import SMALL
 
@@ -103,23 +104,22 @@ def _synthetic_run(root: Path, name: str, accuracy: list[float], bytes_per_round
     run_dir = root / name / f"run-{seed}"
     run_dir.mkdir(parents=True)
     rows = [
-        {"round": r, "accuracy": a, "cum_bytes_down": r * bytes_per_round // 2, "cum_bytes_up": r * bytes_per_round // 2,
-         "wall_time_s": 10.0 * r}
+        RoundRow(round=r, accuracy=a, loss=0.5, bytes_down=0, bytes_up=0, cum_bytes_down=r * bytes_per_round // 2,
+                 cum_bytes_up=r * bytes_per_round // 2, clients=4, wall_time_s=10.0 * r)
         for r, a in enumerate(accuracy)
     ]
-    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(to_json(r)) + "\n" for r in rows))
     total = len(accuracy[1:]) * bytes_per_round
-    summary = {
-        "final_accuracy": accuracy[-1], "best_accuracy": max(accuracy[1:]),
-        "total_bytes_down": total // 2, "total_bytes_up": total // 2,
-        "bytes_per_client_round_down": total // 8, "bytes_per_client_round_up": total // 8,
-        "wall_time_s": 30.0,
-    }
     reached = next((r for r, a in enumerate(accuracy) if r and a >= 0.8), None)
-    summary["rounds_to_target"] = reached
-    if reached:
-        summary["bytes_to_target"] = reached * bytes_per_round
-    (run_dir / "summary.json").write_text(json.dumps(summary))
+    summary = RunSummary(
+        method=name, model="synthetic", rounds=len(accuracy) - 1, final_accuracy=accuracy[-1], best_accuracy=max(accuracy[1:]),
+        final_loss=0.5, majority_accuracy=0.5, zero_shot_accuracy=accuracy[0],
+        total_bytes_down=total // 2, total_bytes_up=total // 2,
+        bytes_per_client_round_down=total // 8, bytes_per_client_round_up=total // 8,
+        message_bytes_down=total // 2, message_bytes_up=total // 2, client_rounds=8, wall_time_s=30.0,
+        target_accuracy=0.8, rounds_to_target=reached, bytes_to_target=reached * bytes_per_round if reached else None,
+    )
+    (run_dir / "summary.json").write_text(json.dumps(to_json(summary)))
     return run_dir
 
 

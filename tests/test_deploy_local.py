@@ -15,7 +15,7 @@ import time
 import pytest
 
 from conftest import assert_fedit_payload_sizes, small_config, small_overrides
-from fedtune import report
+from fedtune.report.run_dir import create_run_dir
 from fedtune.cli import main
 from fedtune.deploy import certs, services
 from fedtune.deploy.local import LocalFederation
@@ -53,7 +53,7 @@ def federation(tmp_path_factory):
 def simulated_fedit(tmp_path_factory):
     """FedIT on SMALL in Flower's simulation engine: what a deployment must reproduce."""
     config = small_config(tmp_path_factory.mktemp("simulated"))
-    run_dir = report.create_run_dir(config)
+    run_dir = create_run_dir(config)
     run_simulation(config, run_dir)
     return run_dir
 
@@ -75,7 +75,7 @@ def test_fedit_through_fedtune_deploy_submit_gives_the_simulation_numbers(federa
 
 
 def test_fed_sb_deployed(federation, tmp_path):
-    run_dir = report.create_run_dir(small_config(tmp_path, federation={"method": "fed_sb"}, lora={"rank": 4}))
+    run_dir = create_run_dir(small_config(tmp_path, federation={"method": "fed_sb"}, lora={"rank": 4}))
     summary = federation.run(run_dir)
     rows, ledger = _records(run_dir / "metrics.jsonl"), _records(run_dir / "ledger.jsonl")
     assert [(r["round"], r["clients"], r.get("aggregated")) for r in rows[1:]] == [(1, 3, 3), (2, 3, 3)]
@@ -84,18 +84,18 @@ def test_fed_sb_deployed(federation, tmp_path):
     assert set(up) == {(r, f"client-{i}") for r in (1, 2) for i in range(CLIENTS)}
     assert all(down[1, c] > 10 * down[2, c] for c in ("client-0", "client-1", "client-2"))  # the bases go once
     assert all(abs(b - down[2, c]) < 16 for (_, c), b in up.items())  # the r x r matrices, both ways
-    assert summary["final_accuracy"] == rows[-1]["accuracy"]
+    assert summary.final_accuracy == rows[-1]["accuracy"]
 
 
 def test_fedkseed_deployed(federation, tmp_path):
     config = small_config(tmp_path, federation={"method": "fedkseed"}, fedkseed={"num_seeds": 256},
                           train={"local_steps": 10, "lr": 1e-5})
-    run_dir = report.create_run_dir(config)
+    run_dir = create_run_dir(config)
     summary = federation.run(run_dir)
     rows, ledger = _records(run_dir / "metrics.jsonl"), _records(run_dir / "ledger.jsonl")
     assert [(r["round"], r["clients"], r.get("aggregated")) for r in rows[1:]] == [(1, 3, 3), (2, 3, 3)]
     assert all(t["payload_bytes"] < 200 for t in ledger if t["direction"] == "up")  # seeds and scalars, not tensors
-    assert summary["final_accuracy"] == rows[-1]["accuracy"]
+    assert summary.final_accuracy == rows[-1]["accuracy"]
     assert (run_dir / "adapter" / "model.safetensors").is_file()
 
 
@@ -132,9 +132,9 @@ def test_an_interrupted_run_resumes_to_the_simulation_numbers(federation, simula
 
 def test_a_node_killed_mid_round_does_not_stop_the_run(federation, tmp_path):
     # FLoRA, the stacking family: the two survivors' adapters are stacked each round.
-    config = small_config(tmp_path, federation={"method": "flora", "timeout_s": 12.0}, lora={"client_ranks": [2, 4, 8]},
+    config = small_config(tmp_path, federation={"method": "flora", "timeout_s": 12.0}, flora={"client_ranks": [2, 4, 8]},
                           train={"local_steps": 5})
-    run_dir = report.create_run_dir(config)
+    run_dir = create_run_dir(config)
     log = federation.procs.log_dir / "node-2.log"
     seen = log.read_text().count("Receiving: train message")
 
@@ -149,6 +149,6 @@ def test_a_node_killed_mid_round_does_not_stop_the_run(federation, tmp_path):
     assert [r["round"] for r in rows] == [0, 1, 2]
     uplinks = {r: {t["client"] for t in ledger if t["round"] == r and t["direction"] == "up"} for r in (1, 2)}
     assert uplinks == {1: {"client-0", "client-1"}, 2: {"client-0", "client-1"}}
-    assert [r["aggregated"] for r in rows[1:]] == [2, 2] and summary["client_rounds"] == 4
+    assert [r["aggregated"] for r in rows[1:]] == [2, 2] and summary.client_rounds == 4
     down = {(t["round"], t["client"]): t["payload_bytes"] for t in ledger if t["direction"] == "down"}
     assert down[2, "client-0"] > down[1, "client-0"]  # round 2 carries round 1's stacked factors (ranks 2 + 4)

@@ -7,7 +7,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from conftest import small_config
+from conftest import fedavg, small_config
 from fedtune.methods import METHODS, ClientUpdate, get_method
 from fedtune.methods.fedkseed import FedKSeed, per_seed_sums
 from fedtune.task import load_model, load_splits
@@ -15,15 +15,15 @@ from fedtune.task import load_model, load_splits
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_export_reloads_with_the_same_predictions(tmp_path, name):
-    lora = {"client_ranks": [2, 4, 8]} if METHODS[name].heterogeneous_ranks else {}
-    config = small_config(tmp_path, federation={"method": name}, lora=lora)
+    flora = {"client_ranks": [2, 4, 8]} if METHODS[name].heterogeneous_ranks else {}
+    config = small_config(tmp_path, federation={"method": name}, flora=flora)
     method = get_method(config)
     classifier = load_model(config)
     method.server_init(classifier)
     g = torch.Generator().manual_seed(0)
     for _ in range(2):  # two rounds of random updates, so that nothing is at its initial value
-        method.server_aggregate([
-            ClientUpdate(c, _random_uplink(method, c, g), 10 + i) for i, c in enumerate(["client-0", "client-1", "client-2"])
+        fedavg(method, [
+            ClientUpdate(c, _random_uplink(method, c, g), 10 + i) for i, c in enumerate([0, 1, 2])
         ])
     texts = load_splits(config)[1].texts[:16]
     with torch.no_grad():

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import small_config
+from conftest import fedavg, small_config
 from fedtune.errors import FedtuneError
 from fedtune.methods import ClientJob, ClientUpdate, get_method
 from fedtune.task import client_data, load_model, load_splits, server_data
@@ -41,23 +41,23 @@ def test_model_starts_as_the_base_model(fed_sb):
 
 
 def test_bases_travel_once_and_clients_train_only_r(fed_sb):
-    first = fed_sb.server_downlink("client-0")
+    first = fed_sb.server_downlink(0)
     assert {n.removeprefix("basis/") for n in first if n.startswith("basis/")} == fed_sb.bases.keys()
-    job = ClientJob("client-0", client_data(fed_sb.config, 0), seed=3)
+    job = ClientJob(0, client_data(fed_sb.config, 0), seed=3)
     result = fed_sb.client_train(load_model(fed_sb.config), first, job)
     assert job.state.keys() == fed_sb.bases.keys()
     r_names = [n for n in result.tensors if "lora" in n]
     assert r_names and all(result.tensors[n].shape == (RANK, RANK) for n in r_names)
     assert any(not torch.equal(result.tensors[n], first[n]) for n in r_names)
 
-    fed_sb.server_aggregate([ClientUpdate("client-0", result.tensors, result.num_examples)])
-    later = fed_sb.server_downlink("client-0")
+    fedavg(fed_sb, [ClientUpdate(0, result.tensors, result.num_examples)])
+    later = fed_sb.server_downlink(0)
     assert not any(n.startswith("basis/") for n in later)
-    assert any(n.startswith("basis/") for n in fed_sb.server_downlink("client-1"))  # not confirmed yet
+    assert any(n.startswith("basis/") for n in fed_sb.server_downlink(1))  # not confirmed yet
     # Next round starts from the global R, with the bases the client kept.
     fed_sb.client_train(load_model(fed_sb.config), later, job)
 
-    stranger = ClientJob("client-1", client_data(fed_sb.config, 1), seed=3)
+    stranger = ClientJob(1, client_data(fed_sb.config, 1), seed=3)
     with pytest.raises(FedtuneError, match="client-1 holds no Fed-SB bases and the server sent none"):
         fed_sb.client_train(load_model(fed_sb.config), later, stranger)
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import small_config
+from conftest import fedavg, small_config
 from fedtune import wire
 from fedtune import zeroth_order as zo
 from fedtune.errors import FedtuneError
@@ -84,21 +84,21 @@ def test_spsa_step_estimates_the_directional_derivative(tmp_path):
 def test_server_and_client_replicas_are_bit_identical(tmp_path, encoding):
     config = _config(tmp_path, encoding=encoding, pro=True)
     server = _server(config)
-    states = {c: {} for c in ("client-0", "client-1", "client-2")}
-    schedule = [["client-0", "client-1", "client-2"], ["client-0", "client-2"], ["client-1", "client-2"]]
+    states = {c: {} for c in (0, 1, 2)}
+    schedule = [[0, 1, 2], [0, 2], [1, 2]]
     for rnd, clients in enumerate(schedule, start=1):
         updates = []
         for c in clients:
-            pid = int(c[-1])
+            pid = c
             job = ClientJob(c, client_data(config, pid), seed=rnd * 10 + pid, state=states[c])
             result = server.client_train(load_model(config), server.server_downlink(c), job)
             assert server.server_check(ClientUpdate(c, result.tensors, result.num_examples)) is None
             updates.append(ClientUpdate(c, result.tensors, result.num_examples))
-        server.server_aggregate(updates)
+        fedavg(server, updates)
 
     # client-0 sat out round 3: it catches up on rounds 3 (and nothing twice).
-    job = ClientJob("client-0", client_data(config, 0), seed=99, state=states["client-0"])
-    server.client_train(load_model(config), server.server_downlink("client-0"), job)
+    job = ClientJob(0, client_data(config, 0), seed=99, state=states[0])
+    server.client_train(load_model(config), server.server_downlink(0), job)
     global_params = dict(server.server_model().named_parameters())
     diffs = [(job.state[t.name] - global_params[t.name]).abs().max().item() for t in server.tuned_params]
     assert max(diffs) == 0
@@ -119,10 +119,10 @@ def test_both_encodings_build_the_same_model(tmp_path):
         for rnd in (1, 2):
             updates = []
             for pid in (0, 1):
-                job = ClientJob(f"client-{pid}", client_data(config, pid), seed=rnd * 10 + pid)
-                r = server.client_train(load_model(config), server.server_downlink(f"client-{pid}"), job)
-                updates.append(ClientUpdate(f"client-{pid}", r.tensors, r.num_examples))
-            server.server_aggregate(updates)
+                job = ClientJob(pid, client_data(config, pid), seed=rnd * 10 + pid)
+                r = server.client_train(load_model(config), server.server_downlink(pid), job)
+                updates.append(ClientUpdate(pid, r.tensors, r.num_examples))
+            fedavg(server, updates)
         models.append([t.param.clone() for t in server.tuned_params])
     assert all(torch.equal(a, b) for a, b in zip(*models))
 
@@ -159,9 +159,9 @@ def test_bytes_per_client_round_at_k4096_and_200_steps(tmp_path):
 def test_malformed_uplinks_are_rejected(tmp_path):
     paper = _server(_config(tmp_path, encoding="paper"))
     ok = {"seeds": torch.arange(5, dtype=torch.int32), "scalars": torch.ones(5)}
-    assert paper.server_check(ClientUpdate("client-0", ok, 40)) is None
+    assert paper.server_check(ClientUpdate(0, ok, 40)) is None
     partial = {"seeds": ok["seeds"][:2], "scalars": ok["scalars"][:2]}  # a straggler's first steps
-    assert paper.server_check(ClientUpdate("client-0", partial, 40)) is None
+    assert paper.server_check(ClientUpdate(0, partial, 40)) is None
     cases = {
         "seed index out of range [0, 64)": {**ok, "seeds": torch.tensor([0, 1, 2, 3, 64], dtype=torch.int32)},
         "non-finite scalar": {**ok, "scalars": torch.tensor([1.0, float("nan"), 1, 1, 1])},
@@ -172,26 +172,26 @@ def test_malformed_uplinks_are_rejected(tmp_path):
         "expected tensors seeds and scalars": {"seeds": ok["seeds"]},
     }
     for reason, tensors in cases.items():
-        assert reason in paper.server_check(ClientUpdate("client-0", tensors, 40))
+        assert reason in paper.server_check(ClientUpdate(0, tensors, 40))
 
     compact = _server(_config(tmp_path, encoding="compact"))
     good = compact.encode_scalars(per_seed_sums(torch.tensor([3, 9]), torch.tensor([0.5, -1.0]), 64))
-    assert compact.server_check(ClientUpdate("client-0", good, 40)) is None
+    assert compact.server_check(ClientUpdate(0, good, 40)) is None
     cases = {
         "mask marks 2 seeds but 1 scalars came": {**good, "scalars": good["scalars"][:1]},
         "expected a uint8 mask of 8 bytes": {**good, "mask": good["mask"][:7]},
         "non-finite scalar": {**good, "scalars": torch.tensor([float("inf"), 1.0])},
     }
     for reason, tensors in cases.items():
-        assert reason in compact.server_check(ClientUpdate("client-0", tensors, 40))
+        assert reason in compact.server_check(ClientUpdate(0, tensors, 40))
 
 
 def test_pro_probabilities_follow_the_history_of_g(tmp_path):
     server = _server(_config(tmp_path, pro=True, encoding="paper"))
-    assert torch.equal(server.server_downlink("client-0")["probs"], torch.zeros(64, dtype=torch.uint8))  # uniform
+    assert torch.equal(server.server_downlink(0)["probs"], torch.zeros(64, dtype=torch.uint8))  # uniform
     tensors = {"seeds": torch.tensor([1, 1, 2, 3, 3], dtype=torch.int32), "scalars": torch.tensor([0.4, -0.4, 0.1, 9.0, 9.0])}
-    server.server_aggregate([ClientUpdate("client-0", tensors, 40)])
-    probs = server.server_downlink("client-0")["probs"]
+    fedavg(server, [ClientUpdate(0, tensors, 40)])
+    probs = server.server_downlink(0)["probs"]
     # seed 3: |g| clipped to 0.5 twice -> highest; seed 1: 0.4 twice; seed 2: 0.1; unseen: 0.
     assert probs[3] == 255 and probs[1] == round(255 * (0.8 / 3) / (1.0 / 3)) and probs[0] == 0
     assert probs[1] > probs[2] > probs[0]
@@ -211,7 +211,7 @@ def test_tuned_parameter_selection(tmp_path):
 
 
 def test_uplinks_from_another_round_method_or_client_are_rejected(tmp_path):
-    from fedtune.app.server import check_uplink
+    from fedtune.app.exchange import check_uplink
     from fedtune.codecs.tensor import PLAIN
 
     server = _server(_config(tmp_path, encoding="paper"))
@@ -220,7 +220,7 @@ def test_uplinks_from_another_round_method_or_client_are_rejected(tmp_path):
     def uplink(method="fedkseed", rnd=3, client="client-1"):
         return wire.encode(wire.Payload(method, rnd, client, tensors, 40))
 
-    update, reason = check_uplink(server, PLAIN, 3, "client-1", uplink())
+    update, reason = check_uplink(server, PLAIN, 3, 1, uplink())
     assert reason == "" and update.num_examples == 40
     for data, why in [
         (uplink(rnd=2), "header says fedkseed round 2 from 'client-1'"),
@@ -228,5 +228,5 @@ def test_uplinks_from_another_round_method_or_client_are_rejected(tmp_path):
         (uplink(client="client-2"), "from 'client-2'"),
         (uplink()[:-7], "malformed payload"),
     ]:
-        update, reason = check_uplink(server, PLAIN, 3, "client-1", data)
+        update, reason = check_uplink(server, PLAIN, 3, 1, data)
         assert update is None and why in reason

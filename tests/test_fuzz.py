@@ -9,14 +9,14 @@ import torch
 
 from conftest import small_config
 from fedtune import wire
-from fedtune.app.server import check_uplink
+from fedtune.app.exchange import check_uplink
 from fedtune.codecs.spec import parse_chain
 from fedtune.methods import ClientUpdate, get_method
-from fedtune.methods.lora import weighted_average
+from fedtune.rounds.release import by_examples
 from fedtune.task import load_model
 
 BOUND = 5.0
-ROUND, CLIENT = 3, "client-1"
+ROUND, CLIENT, CLIENT_NAME = 3, 1, "client-1"
 
 
 def _server(tmp_path, method, **sections):
@@ -26,9 +26,13 @@ def _server(tmp_path, method, **sections):
     return server
 
 
-def _encode(method, tensors, rnd=ROUND, client=CLIENT, name=None, num_examples=40) -> bytes:
+def _encode(method, tensors, rnd=ROUND, client=CLIENT_NAME, name=None, num_examples=40) -> bytes:
     payload = wire.Payload(name or method.name, rnd, client, tensors, num_examples)
     return wire.encode(payload, parse_chain([], "compression.up"), torch.Generator().manual_seed(0))
+
+
+def weighted_average(updates):
+    return {n: by_examples(updates).average(updates, n) for n in updates[0].tensors}
 
 
 def _honest(method, seed):
@@ -77,7 +81,7 @@ def _well_formed(method, update: ClientUpdate) -> bool:
 def test_fedit_payload_path_survives_fuzzing(tmp_path):
     method = _server(tmp_path, "fedit")
     chain = parse_chain([], "compression.up")
-    honest = [ClientUpdate("client-0", _honest(method, 0), 40), ClientUpdate("client-2", _honest(method, 2), 40)]
+    honest = [ClientUpdate(0, _honest(method, 0), 40), ClientUpdate(2, _honest(method, 2), 40)]
     honest_average = weighted_average(honest)
     rng = random.Random(0)
     seen, rejected = 0, {}

@@ -7,12 +7,16 @@ import json
 import pytest
 
 from conftest import small_config
-from fedtune import report
+from fedtune.report.run_dir import create_run_dir
 from fedtune.errors import FedtuneError
 from fedtune.hardware.fleet import Fleet
 from fedtune.hardware.cost import FRAMEWORK_BYTES, ModelShape, compute_seconds, peak_memory, transfer_seconds
 from fedtune.hardware.planner import plan_client
-from fedtune.hardware.profiles import DeviceProfile, assign_devices, load_catalogue
+from fedtune.methods.base import Footprint
+from fedtune.methods.fedit import FedIT
+from fedtune.methods.registry import METHODS, get_method
+from fedtune.hardware.catalogue import DeviceProfile, load_catalogue
+from fedtune.hardware.profiles import assign_devices
 from fedtune.hardware.schedule import ClientTime, available, failures, round_seconds
 from fedtune.simulation import run_simulation
 from fedtune.task import load_model
@@ -69,7 +73,7 @@ def _plan(tmp_path, memory, method="flora", plan_ranks=True):
         hardware={"devices": ["phone"] * 3, "plan_ranks": plan_ranks and method == "flora", "rank_choices": [64, 16, 8]},
         lora={"rank": 8},
     )
-    return plan_client(config, SHAPE, _device(memory=memory), 100, RANKS, 250_000)
+    return plan_client(config, METHODS[method].kind, SHAPE, _device(memory=memory), 100, Footprint(RANKS, 250_000))
 
 
 def test_planner_gives_the_largest_rank_that_fits(tmp_path):
@@ -83,7 +87,7 @@ def test_planner_falls_back_to_zeroth_order_then_excludes(tmp_path):
     need_8 = peak_memory(SHAPE, "adapter", 4, 100, RANKS[8])
     inference = peak_memory(SHAPE, "zeroth_order", 4, 100, 250_000)
     fallback = _plan(tmp_path, need_8 - 1)
-    assert fallback.kind == "zeroth_order" and "could run federation.method 'fedkseed'" in fallback.reason
+    assert fallback.kind == "zeroth_order" and "could run a zeroth-order method" in fallback.reason
     assert _plan(tmp_path, inference, method="fedkseed").kind == "zeroth_order"
     excluded = _plan(tmp_path, inference - 1)
     assert excluded.kind == "excluded" and "even inference needs" in excluded.reason
@@ -99,7 +103,7 @@ def test_without_rank_planning_the_configured_rank_must_fit(tmp_path):
 
 
 def test_same_seed_same_schedule_and_the_rates_hold():
-    devices = {f"client-{i}": _device(availability=0.3, failure=0.1) for i in range(200)}
+    devices = {i: _device(availability=0.3, failure=0.1) for i in range(200)}
     first = [available(devices, 7, rnd) for rnd in range(1, 30)]
     assert first == [available(devices, 7, rnd) for rnd in range(1, 30)]
     assert first != [available(devices, 8, rnd) for rnd in range(1, 30)]
@@ -150,12 +154,18 @@ def test_the_built_in_catalogue_loads():
         ({"mix": {"phone": "half"}}, "hardware.mix must be a table of numbers"),
         ({"deadline_s": -1.0}, "hardware.deadline_s must be >= 0"),
         ({"stragglers": "wait"}, "hardware.stragglers must be 'drop' or 'partial'"),
-        ({"plan_ranks": True, "mix": {"phone": 1.0}}, "hardware.plan_ranks must be false unless federation.method is 'flora'"),
+        ({"plan_ranks": True}, "hardware.plan_ranks must be false unless hardware.mix or hardware.devices is set"),
     ],
 )
 def test_bad_hardware_settings_are_one_line_errors(tmp_path, hardware, message):
     with pytest.raises(FedtuneError, match=message):
         small_config(tmp_path, hardware=hardware)
+
+
+def test_rank_planning_needs_a_method_with_a_rank_per_client(tmp_path):
+    config = small_config(tmp_path, hardware={"plan_ranks": True, "mix": {"phone": 1.0}})
+    with pytest.raises(FedtuneError, match="hardware.plan_ranks gives each client its own rank, but federation.method 'fedit'"):
+        get_method(config)
 
 
 @pytest.mark.parametrize(
@@ -196,49 +206,50 @@ def _fleet_config(tmp_path, **hardware):
 
 
 def test_partial_stragglers_get_the_steps_that_fit(tmp_path):
-    fleet = Fleet(_fleet_config(tmp_path, deadline_s=20.0, stragglers="partial"), load_model(small_config(tmp_path)))
-    fleet.tokens_per_step["client-0"], fleet.sequence_length["client-0"] = 200, 50.0
+    fleet = Fleet(_fleet_config(tmp_path, deadline_s=20.0, stragglers="partial"), load_model(small_config(tmp_path)), FedIT)
+    fleet.tokens_per_step[0], fleet.sequence_length[0] = 200, 50.0
     per_step = 200 * fleet.shape.forward_flops_per_token(50.0) * 2 / 1e9
     talk = 2 * 8 * 1_000_000 / 100e6
-    assert fleet.steps_within_deadline("client-0", 1_000_000) == min(3, int((20.0 - talk) // per_step))
-    assert fleet.steps_within_deadline("client-1", 1_000_000) == 3  # fast: the full round fits
+    assert fleet.steps(0, 1_000_000) == min(3, int((20.0 - talk) // per_step))
+    assert fleet.steps(1, 1_000_000) == 3  # fast: the full round fits
 
 
 def test_a_device_is_up_in_the_same_rounds_whoever_else_is_eligible(tmp_path):
     """Methods that exclude different devices still see the same availability
     schedule for the devices they share: a fair comparison."""
-    fleet = Fleet(_fleet_config(tmp_path), load_model(small_config(tmp_path)))
+    fleet = Fleet(_fleet_config(tmp_path), load_model(small_config(tmp_path)), FedIT)
     for device in fleet.devices.values():
         object.__setattr__(device, "availability", 0.5)
-    before = {rnd: fleet.participants(rnd) for rnd in range(1, 40)}
-    fleet.plans["client-0"] = dataclasses.replace(fleet.plans["client-0"], kind="excluded")
-    after = {rnd: fleet.participants(rnd) for rnd in range(1, 40)}
-    assert after == {rnd: [c for c in clients if c != "client-0"] for rnd, clients in before.items()}
-    assert any("client-0" in clients for clients in before.values())
+    before = {rnd: fleet.candidates(rnd) for rnd in range(1, 40)}
+    fleet.plans[0] = dataclasses.replace(fleet.plans[0], kind="excluded")
+    after = {rnd: fleet.candidates(rnd) for rnd in range(1, 40)}
+    assert after == {rnd: [c for c in clients if c != 0] for rnd, clients in before.items()}
+    assert any(0 in clients for clients in before.values())
 
 
 @pytest.mark.parametrize("deadline_s", [0.0, 20.0])
 def test_when_every_client_fails_the_round_lasts_until_the_last_failure_or_the_deadline(tmp_path, deadline_s):
-    fleet = Fleet(_fleet_config(tmp_path, deadline_s=deadline_s), load_model(small_config(tmp_path)))
+    fleet = Fleet(_fleet_config(tmp_path, deadline_s=deadline_s), load_model(small_config(tmp_path)), FedIT)
     for device in fleet.devices.values():
         object.__setattr__(device, "failure", 1.0)
-    times = {"client-0": ClientTime(1, 40, 1), "client-1": ClientTime(1, 10, 1)}
+    times = {0: ClientTime(1, 40, 1), 1: ClientTime(1, 10, 1)}
     at = failures(fleet.devices, list(times), fleet.config.run.seed, 1)
-    kept, metrics = fleet.settle(1, times)
+    kept, hardware = fleet.settle_times(1, times)
     last_failure = max(times[c].total_s * at[c] for c in times)
-    assert kept == [] and metrics["failed"] == 2
-    assert metrics["sim_round_s"] == pytest.approx(min(last_failure, deadline_s or last_failure))
+    assert kept == [] and hardware.failed == 2
+    assert hardware.sim_round_s == pytest.approx(min(last_failure, deadline_s or last_failure))
     assert deadline_s == 0 or last_failure > deadline_s  # the seed makes the cap bite
 
 
 @pytest.mark.integration
 def test_a_deadline_drops_the_slow_device_every_round(tmp_path):
     config = _fleet_config(tmp_path, deadline_s=5.0)
-    run_dir = report.create_run_dir(config)
+    run_dir = create_run_dir(config)
     summary = run_simulation(config, run_dir)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     for row in rows[1:]:
         # The slow device (1 GFLOP/s) needs well over 5 s for its steps: dropped; the round lasts the deadline.
-        assert (row["stragglers"], row["took_part_slow"], row["took_part_fast"], row["aggregated"]) == (1, 0, 2, 2)
-        assert row["sim_round_s"] == 5.0
-    assert summary["sim_time_s"] == 10.0 and summary["client_rounds_by_device"] == {"fast": 4, "slow": 0}
+        hardware = row["hardware"]
+        assert (hardware["stragglers"], hardware["took_part"], row["aggregated"]) == (1, {"fast": 2, "slow": 0}, 2)
+        assert hardware["sim_round_s"] == 5.0
+    assert summary.sim_time_s == 10.0 and summary.client_rounds_by_device == {"fast": 4, "slow": 0}

@@ -12,9 +12,10 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from conftest import small_config
-from fedtune import report, wire
+from fedtune import wire
+from fedtune.report.run_dir import create_run_dir
 from fedtune.app import client
-from fedtune.app.server import RECORD
+from fedtune.app.messages import RECORD
 from fedtune.simulation import run_simulation
 
 pytestmark = pytest.mark.integration
@@ -45,14 +46,14 @@ def _faulty_client_app() -> ClientApp:
 @pytest.mark.parametrize(
     "method, sections",
     [
-        ("flora", {"lora": {"client_ranks": [2, 4, 8]}}),
+        ("flora", {"flora": {"client_ranks": [2, 4, 8]}}),
         ("fed_sb", {"lora": {"rank": 4}}),
         ("fedkseed", {"fedkseed": {"num_seeds": 256, "encoding": "paper"}, "train": {"local_steps": 10, "lr": 1e-5}}),
     ],
 )
 def test_bad_uplink_is_dropped_and_rounds_go_on(tmp_path, caplog, method, sections):
     config = small_config(tmp_path, federation={"method": method}, **sections)
-    run_dir = report.create_run_dir(config)
+    run_dir = create_run_dir(config)
     with caplog.at_level(logging.WARNING, logger="fedtune"):
         summary = run_simulation(config, run_dir, client_app=_faulty_client_app())
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -60,7 +61,7 @@ def test_bad_uplink_is_dropped_and_rounds_go_on(tmp_path, caplog, method, sectio
     dropped = [r.getMessage() for r in caplog.records if "client-1 dropped" in r.getMessage()]
     reason = "seed index out of range [0, 256)" if method == "fedkseed" else "expected torch.float32"
     assert len(dropped) == 2 and all(reason in m for m in dropped)
-    assert summary["final_accuracy"] == rows[-1]["accuracy"]
+    assert summary.final_accuracy == rows[-1]["accuracy"]
     info = json.loads((run_dir / "adapter" / "fedtune.json").read_text())
     if method == "fedkseed":  # a whole model, its own base: the directory can be moved
         assert info["base_model"] is None and (run_dir / "adapter" / "model.safetensors").is_file()
@@ -101,7 +102,7 @@ def test_too_few_valid_updates_retry_then_skip(tmp_path, caplog, monkeypatch, mi
     With min_replies 2, round 1 is retried and then aggregates two updates; with 3,
     every round is retried and skipped, and the model stays the zero-shot one."""
     config = small_config(tmp_path, federation={"min_replies": min_replies, "round_retries": 1})
-    run_dir = report.create_run_dir(config)
+    run_dir = create_run_dir(config)
     monkeypatch.setenv("FEDTUNE_TEST_CRASH_MARKER", str(tmp_path / "crashed"))  # before Ray starts: its workers inherit it
     with caplog.at_level(logging.WARNING, logger="fedtune"):
         summary = run_simulation(config, run_dir, client_app=_crashing_and_faulty_client_app())
@@ -115,4 +116,4 @@ def test_too_few_valid_updates_retry_then_skip(tmp_path, caplog, monkeypatch, mi
     else:
         assert all(r["skipped"] == 1 and r["clients"] in (5, 6) for r in rows[1:])
         assert all((r["accuracy"], r["loss"]) == (rows[0]["accuracy"], rows[0]["loss"]) for r in rows[1:])
-    assert summary["rounds"] == 2 and (run_dir / "adapter" / "adapter_config.json").is_file()
+    assert summary.rounds == 2 and (run_dir / "adapter" / "adapter_config.json").is_file()

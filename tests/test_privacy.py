@@ -10,17 +10,18 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
 from conftest import small_config
-from fedtune import report
+from fedtune.report.run_dir import create_run_dir
 from fedtune.errors import FedtuneError
 from fedtune.methods import ClientUpdate, get_method
-from fedtune.methods.lora import trainable_state, weighted_average, wrap_with_lora
+from fedtune.methods.adapters import trainable_state, wrap_with_lora
 from fedtune.privacy.accounting import Budget
 from fedtune.privacy.dp_sgd import DPSGD, make_private
 from fedtune.privacy.mechanism import Noise, clip_update
+from fedtune.rounds.release import by_examples
 from fedtune.simulation import run_simulation
 from fedtune.task import client_data, load_model
 
-CLIENTS = {"client-0": 40, "client-1": 40, "client-2": 40}
+CLIENTS = {0: 40, 1: 40, 2: 40}
 
 
 def _budget(tmp_path, clients=CLIENTS, federation=None, **privacy) -> Budget:
@@ -38,29 +39,29 @@ def test_client_level_epsilon_is_opacus_for_the_same_steps(tmp_path, accountant)
     )
     reference = accountant()
     for _ in range(4):
-        budget.spend(["client-0", "client-1"])  # client-2 sat out, but sampling is part of its guarantee
+        budget.spend([0, 1])  # client-2 sat out, but sampling is part of its guarantee
         reference.step(noise_multiplier=1.3, sample_rate=2 / 3)
     for client in CLIENTS:
         assert budget.epsilon(client) == pytest.approx(reference.get_epsilon(delta=1e-5), rel=1e-9)
 
 
 def test_sample_level_epsilon_counts_each_clients_own_steps(tmp_path):
-    budget = _budget(tmp_path, {"client-0": 40, "client-1": 80}, mode="sample", noise_multiplier=1.1, epsilon=50.0)
-    budget.spend(["client-0", "client-1"])
-    budget.spend(["client-1"])
+    budget = _budget(tmp_path, {0: 40, 1: 80}, mode="sample", noise_multiplier=1.1, epsilon=50.0)
+    budget.spend([0, 1])
+    budget.spend([1])
     steps = budget.config.train.local_steps  # 3 per round, batch 4
-    for client, rounds, rate in (("client-0", 1, 4 / 40), ("client-1", 2, 4 / 80)):
+    for client, rounds, rate in ((0, 1, 4 / 40), (1, 2, 4 / 80)):
         reference = RDPAccountant()
         for _ in range(rounds * steps):
             reference.step(noise_multiplier=1.1, sample_rate=rate)
         assert budget.epsilon(client) == pytest.approx(reference.get_epsilon(delta=1e-5), rel=1e-9)
-    assert budget.max_epsilon() == budget.epsilon("client-0")
+    assert budget.max_epsilon() == budget.epsilon(0)
 
 
 def test_calibrated_noise_spends_the_budget_over_the_run_and_no_more(tmp_path):
     budget = _budget(tmp_path, mode="client", epsilon=3.0)  # noise_multiplier 0: calibrate
     rounds = budget.config.run.rounds
-    assert budget.noise["client-0"] == get_noise_multiplier(
+    assert budget.noise[0] == get_noise_multiplier(
         target_epsilon=3.0, target_delta=1e-5, sample_rate=1.0, steps=rounds, accountant="rdp"
     )
     for _ in range(rounds):
@@ -98,8 +99,8 @@ def test_clipping_bounds_the_change_and_leaves_small_ones_alone():
 def _aggregate_noise(trials: int, clients: int, noise: Noise) -> torch.Tensor:
     """The aggregate minus the noiseless average, over many rounds of identical updates."""
     update = torch.linspace(-1, 1, 500)
-    updates = [ClientUpdate(f"client-{k}", {"w": update}, 1) for k in range(clients)]
-    return torch.stack([weighted_average(updates, noise)["w"] - update for _ in range(trials)])
+    updates = [ClientUpdate(k, {"w": update}, 1) for k in range(clients)]
+    return torch.stack([by_examples(updates, noise).average(updates, "w") - update for _ in range(trials)])
 
 
 def test_server_noise_on_the_average_has_std_z_clip_over_m():
@@ -122,8 +123,9 @@ def test_flora_noises_each_stacked_factor_in_full(tmp_path):
     assert method.released_alone("base_model.model.x.lora_A.default.weight")
     assert not method.released_alone("base_model.model.classifier.modules_to_save.default.weight")
     method.server_init(load_model(method.config))
-    zero = {n: torch.zeros_like(t) for n, t in method.uplink_template("client-0").items()}
-    method.server_aggregate([ClientUpdate("client-0", zero, 1)], Noise(0.3, torch.Generator().manual_seed(3)))
+    zero = {n: torch.zeros_like(t) for n, t in method.uplink_template(0).items()}
+    updates = [ClientUpdate(0, zero, 1)]
+    method.server_aggregate(updates, by_examples(updates, Noise(0.3, torch.Generator().manual_seed(3))))
     factors = method.log.deltas[-1]
     b = torch.cat([t.flatten() for n, t in factors.items() if n.endswith(".B")])
     assert b.std().item() == pytest.approx(0.3, rel=0.05)
@@ -135,9 +137,9 @@ def test_fedkseed_noises_only_the_seeds_used(tmp_path):
     method.server_init(load_model(config))
     used = torch.zeros(4000)
     used[:2000] = 1e-9  # scalars too small to matter: what remains is noise
-    updates = [ClientUpdate(f"client-{k}", method.encode_scalars(used), 1) for k in range(2)]
+    updates = [ClientUpdate(k, method.encode_scalars(used), 1) for k in range(2)]
     method.apply = lambda tuned, scalars: []  # skip the replay: the released scalars are the point
-    method.server_aggregate(updates, Noise(2.0, torch.Generator().manual_seed(4)))
+    method.server_aggregate(updates, by_examples(updates, Noise(2.0, torch.Generator().manual_seed(4))))
     released = method.decode_scalars(method.log.deltas[-1])
     assert torch.count_nonzero(released[2000:]) == 0
     assert released[:2000].std().item() == pytest.approx(2.0 / 2, rel=0.05)
@@ -263,25 +265,25 @@ def test_dp_sgd_run_reports_opacus_epsilon_and_stops_within_budget(tmp_path):
     config = small_config(
         tmp_path, run={"rounds": 3}, privacy={"mode": "sample", "noise_multiplier": 1.0, "epsilon": 3.2}
     )
-    run_dir = report.create_run_dir(config)
+    run_dir = create_run_dir(config)
     summary = run_simulation(config, run_dir)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
-    assert [r["round"] for r in rows] == [0, 1, 2] and summary["rounds"] == 2
+    assert [r["round"] for r in rows] == [0, 1, 2] and summary.rounds == 2
     for row in rows[1:]:
         reference = RDPAccountant()
         for _ in range(row["round"] * 3):
             reference.step(noise_multiplier=1.0, sample_rate=0.1)
         assert row["epsilon"] == pytest.approx(reference.get_epsilon(delta=1e-5), rel=1e-9)
-    assert summary["epsilon"] == rows[-1]["epsilon"] <= 3.2
-    assert "stopped before round 3" in summary["stopped"] and "3.346" in summary["stopped"]
+    assert summary.epsilon == rows[-1]["epsilon"] <= 3.2
+    assert "stopped before round 3" in summary.stopped and "3.346" in summary.stopped
     assert (run_dir / "adapter" / "adapter_config.json").is_file()  # the model trained so far is saved
 
 
 @pytest.mark.integration
 def test_client_level_run_with_noise_from_the_clients(tmp_path):
     config = small_config(tmp_path, privacy={"mode": "client", "noise_on": "clients", "epsilon": 5.0, "clip": 0.5})
-    run_dir = report.create_run_dir(config)
+    run_dir = create_run_dir(config)
     summary = run_simulation(config, run_dir)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     z = get_noise_multiplier(target_epsilon=5.0, target_delta=1e-5, sample_rate=1.0, steps=2, accountant="rdp")
@@ -291,4 +293,4 @@ def test_client_level_run_with_noise_from_the_clients(tmp_path):
             reference.step(noise_multiplier=z, sample_rate=1.0)
         assert row["epsilon"] == pytest.approx(reference.get_epsilon(delta=1e-5), rel=1e-9)
         assert row["aggregated"] == 3
-    assert summary["rounds"] == 2 and "stopped" not in summary and 4.9 < summary["epsilon"] <= 5.0
+    assert summary.rounds == 2 and summary.stopped is None and 4.9 < summary.epsilon <= 5.0

@@ -1,65 +1,70 @@
 import json
 
-from fedtune import report
 from fedtune.config import load_config
-from fedtune.ledger import Ledger, Transfer
+from fedtune.ledger import Transfer
+from fedtune.report.console import human_bytes, summary_table
+from fedtune.report.recorder import Recorder
+from fedtune.report.rows import HardwareRow, RunSummary, read_rows, read_summary, to_json
+from fedtune.report.run_dir import create_run_dir, finish
 from fedtune.training import EvalResult
 
 
 def test_run_dir_config_reloads_identically(config):
-    first, second = report.create_run_dir(config), report.create_run_dir(config)
+    first, second = create_run_dir(config), create_run_dir(config)
     assert first != second  # same second, no collision
     assert load_config(first / "config.toml") == config  # prompt newline, leading spaces survive
 
 
 def test_rows_summary_and_plot_from_a_known_ledger(config, tmp_path):
-    ledger = Ledger(tmp_path / "ledger.jsonl")
-    rows = [report.round_row(0, EvalResult(0.5, 0.7), ledger, 0.0, {})]
+    recorder = Recorder(tmp_path, majority=0.52)
+    rows = [recorder.record(0, EvalResult(0.5, 0.7))]
     for rnd, acc in ((1, 0.6), (2, 0.55)):
         for client in ("client-0", "client-1"):
-            ledger.record(Transfer(rnd, client, "down", 1000, 1100))
-            ledger.record(Transfer(rnd, client, "up", 900 + rnd, 990))
-        rows.append(report.round_row(rnd, EvalResult(acc, 0.6), ledger, 0.0, {"train_loss": 0.4}))
+            recorder.ledger.record(Transfer(rnd, client, "down", 1000, 1100))
+            recorder.ledger.record(Transfer(rnd, client, "up", 900 + rnd, 990))
+        rows.append(recorder.record(rnd, EvalResult(acc, 0.6), train_loss=0.4))
 
-    assert (rows[2]["bytes_down"], rows[2]["bytes_up"]) == (2000, 1804)
-    assert (rows[2]["cum_bytes_down"], rows[2]["cum_bytes_up"]) == (4000, 3606)
-    assert rows[1]["clients"] == 2
+    assert (rows[2].bytes_down, rows[2].bytes_up) == (2000, 1804)
+    assert (rows[2].cum_bytes_down, rows[2].cum_bytes_up) == (4000, 3606)
+    assert rows[1].clients == 2
     assert len((tmp_path / "ledger.jsonl").read_text().splitlines()) == 8
+    assert read_rows(tmp_path) == rows  # metrics.jsonl holds them as they were recorded
 
-    summary = report.summarize(config, rows, ledger, {"majority_accuracy": 0.52, "zero_shot_accuracy": 0.5}, 12.0)
-    assert summary["final_accuracy"] == 0.55 and summary["best_accuracy"] == 0.6
-    assert summary["bytes_per_client_round_down"] == 1000 and summary["bytes_per_client_round_up"] == 901
-    assert summary["message_bytes_up"] == 4 * 990 and summary["client_rounds"] == 4
+    summary = recorder.summary(config, None)
+    assert summary.final_accuracy == 0.55 and summary.best_accuracy == 0.6
+    assert summary.bytes_per_client_round_down == 1000 and summary.bytes_per_client_round_up == 901
+    assert summary.message_bytes_up == 4 * 990 and summary.client_rounds == 4
 
-    report.finish(tmp_path, rows, summary)
-    assert json.loads((tmp_path / "summary.json").read_text()) == summary
+    finish(tmp_path, rows, summary)
+    assert read_summary(tmp_path) == summary
+    assert json.loads((tmp_path / "summary.json").read_text()) == to_json(summary)
     assert (tmp_path / "accuracy_vs_bytes.png").read_bytes()[:4] == b"\x89PNG"
-    table = report.summary_table(summary)
+    table = summary_table(summary)
     assert "final accuracy" in table and "0.550" in table and "1.00 KB / 901 B" in table
 
 
 def test_human_bytes():
-    assert [report.human_bytes(n) for n in (999, 1000, 1_858_357, 3e9)] == ["999 B", "1.00 KB", "1.86 MB", "3.00 GB"]
+    assert [human_bytes(n) for n in (999, 1000, 1_858_357, 3e9)] == ["999 B", "1.00 KB", "1.86 MB", "3.00 GB"]
 
 
 def test_target_accuracy_and_simulated_hardware_in_the_summary(tmp_path):
     from conftest import small_config
 
     config = small_config(tmp_path, run={"target_accuracy": 0.58})
-    ledger = Ledger()
-    rows = [report.round_row(0, EvalResult(0.5, 0.7), ledger, 0.0, {})]
+    recorder = Recorder(tmp_path, majority=0.5)
+    recorder.record(0, EvalResult(0.5, 0.7))
     for rnd, acc, took_part in ((1, 0.55, (1, 0)), (2, 0.6, (1, 1)), (3, 0.62, (0, 1))):
-        ledger.record(Transfer(rnd, "client-0", "down", 1000, 1000))
-        ledger.record(Transfer(rnd, "client-0", "up", 500, 500))
-        hardware = {"sim_time_s": 10.0 * rnd, "failed": rnd == 3, "stragglers": 0,
-                    "took_part_phone": took_part[0], "took_part_laptop": took_part[1]}
-        rows.append(report.round_row(rnd, EvalResult(acc, 0.6), ledger, 0.0, hardware))
-    summary = report.summarize(config, rows, ledger, {"majority_accuracy": 0.5, "zero_shot_accuracy": 0.5}, 1.0)
-    assert summary["rounds_to_target"] == 2 and summary["bytes_to_target"] == 3000
-    assert summary["sim_time_to_target_s"] == 20.0 and summary["sim_time_s"] == 30.0
-    assert summary["client_rounds_by_device"] == {"laptop": 2, "phone": 2} and summary["failed"] == 1
-    table = report.summary_table(summary)
+        recorder.ledger.record(Transfer(rnd, "client-0", "down", 1000, 1000))
+        recorder.ledger.record(Transfer(rnd, "client-0", "up", 500, 500))
+        hardware = HardwareRow(10.0, 10.0 * rnd, int(rnd == 3), 0, {"phone": took_part[0], "laptop": took_part[1]})
+        recorder.record(rnd, EvalResult(acc, 0.6), hardware=hardware)
+    summary = recorder.summary(config, None)
+    assert summary.rounds_to_target == 2 and summary.bytes_to_target == 3000
+    assert summary.sim_time_to_target_s == 20.0 and summary.sim_time_s == 30.0
+    assert summary.client_rounds_by_device == {"laptop": 2, "phone": 2} and summary.failed == 1
+    table = summary_table(summary)
     assert "round 2, 3.00 KB, 20.0 s simulated" in table and "laptop 2, phone 2" in table
 
-    unreached = report.summarize(small_config(tmp_path, run={"target_accuracy": 0.9}), rows, ledger, {"majority_accuracy": 0.5, "zero_shot_accuracy": 0.5}, 1.0)
-    assert unreached["rounds_to_target"] is None and "not reached" in report.summary_table(unreached)
+    unreached = recorder.summary(small_config(tmp_path, run={"target_accuracy": 0.9}), None)
+    assert unreached.rounds_to_target is None and "not reached" in summary_table(unreached)
+    assert isinstance(unreached, RunSummary)

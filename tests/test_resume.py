@@ -11,8 +11,9 @@ import time
 import pytest
 import torch
 
-from conftest import small_config, small_overrides
-from fedtune import checkpoint, report
+from conftest import fedavg, small_config, small_overrides
+from fedtune import checkpoint
+from fedtune.report.run_dir import create_run_dir
 from fedtune.cli import main
 from fedtune.methods import ClientUpdate, get_method
 from fedtune.simulation import run_simulation
@@ -34,7 +35,7 @@ def _wait_for(condition, timeout=600):
 
 @pytest.mark.integration
 def test_a_run_killed_mid_round_resumes_to_the_same_result(tmp_path, capsys):
-    reference_dir = report.create_run_dir(small_config(tmp_path / "reference", run={"rounds": 3}))
+    reference_dir = create_run_dir(small_config(tmp_path / "reference", run={"rounds": 3}))
     run_simulation(small_config(tmp_path / "reference", run={"rounds": 3}), reference_dir)
 
     args = [*small_overrides(tmp_path / "killed"), "--set", "run.rounds=3"]
@@ -83,7 +84,7 @@ def test_server_state_through_a_checkpoint_rebuilds_the_same_model(tmp_path, met
             else:
                 tensors = {n: t + 0.01 * torch.randn(t.shape, generator=g) for n, t in first.uplink_template(client).items()}
             updates.append(ClientUpdate(client, tensors, 40))
-        first.server_aggregate(updates)
+        fedavg(first, updates)
     checkpoint.save(tmp_path, {"round": 2, "method": first.server_state()})
 
     second = get_method(config)

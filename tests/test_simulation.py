@@ -6,7 +6,7 @@ import json
 import pytest
 
 from conftest import assert_fedit_payload_sizes, small_config, small_overrides
-from fedtune import report
+from fedtune.report.run_dir import create_run_dir
 from fedtune.cli import main
 from fedtune.simulation import run_simulation
 
@@ -21,13 +21,13 @@ def _read(run_dir):
 
 def test_three_clients_two_rounds_twice(tmp_path, capsys):
     config = small_config(tmp_path, run={"name": "a"})
-    run_dir = report.create_run_dir(config)
+    run_dir = create_run_dir(config)
     summary = run_simulation(config, run_dir)
     rows, ledger = _read(run_dir)
 
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert all(r["clients"] == 3 for r in rows[1:])
-    assert summary["client_rounds"] == 6 and summary["final_accuracy"] == rows[-1]["accuracy"]
+    assert summary.client_rounds == 6 and summary.final_accuracy == rows[-1]["accuracy"]
     assert (run_dir / "accuracy_vs_bytes.png").stat().st_size > 10_000
     assert (run_dir / "config.toml").is_file() and (run_dir / "summary.json").is_file()
 
@@ -35,7 +35,7 @@ def test_three_clients_two_rounds_twice(tmp_path, capsys):
     assert_fedit_payload_sizes(config, ledger)
     assert all(t["message_bytes"] > t["payload_bytes"] for t in ledger)
     assert rows[1]["bytes_down"] == sum(t["payload_bytes"] for t in ledger if t["round"] == 1 and t["direction"] == "down")
-    assert rows[-1]["cum_bytes_up"] == summary["total_bytes_up"] == sum(t["payload_bytes"] for t in ledger if t["direction"] == "up")
+    assert rows[-1]["cum_bytes_up"] == summary.total_bytes_up == sum(t["payload_bytes"] for t in ledger if t["direction"] == "up")
 
     # Same config and seed, now through the command line with the centralized
     # baseline: identical metrics and ledger, timings aside.

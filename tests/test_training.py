@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from fedtune.methods.lora import wrap_with_lora
+from fedtune.methods.adapters import wrap_with_lora
 from fedtune.task import load_model, load_splits
 from fedtune.config import TrainSection
 from fedtune.training import batch_order, evaluate, train_steps

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-TensorDict = dict[str, torch.Tensor]
+from fedtune.codecs.tensor import TensorDict
 
 
 def has_reference(name: str, t: torch.Tensor, reference: TensorDict) -> bool:

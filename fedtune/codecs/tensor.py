@@ -14,6 +14,7 @@ from fedtune.codecs.spec import Chain
 from fedtune.proto import fedtune_pb2 as pb
 
 PLAIN = Chain()
+TensorDict = dict[str, torch.Tensor]  # named tensors: what methods speak and payloads carry
 
 
 def encode_tensor(name: str, t: torch.Tensor, chain: Chain, generator: torch.Generator | None = None) -> pb.Tensor:

@@ -6,14 +6,14 @@
     target_accuracy = 0.8             # rounds, bytes and time to reach it (0: none)
     set = ["run.rounds=3"]           # overrides for every cell
     [grid]                            # axes; the cells are their product
-    method = ["fedit", "fed_sb"]
-    rank = [4, 8]                     # lora.rank (not FedKSeed's: it has no adapter)
+    method = ['fedit', 'fed_sb']
+    rank = [4, 8]                     # lora.rank (not for a method without an adapter)
     uplink = ["none", "topk:0.05,int8"]
     privacy = ["none", "sample:8"]   # MODE:EPSILON
     mix = ["none", "fleet"]          # names of [mixes] tables
     seed = [0, 1, 2]
     [methods]                         # overrides for the cells of one method
-    fed_sb = ["lora.rank=16"]
+    fed_sb = ['lora.rank=16']
     [mixes]
     fleet = {phone = 0.5, laptop = 0.3, consumer_gpu = 0.2}
     [axes.deadline]                   # any other axis: named override lists
@@ -32,7 +32,8 @@ from typing import Any
 
 from fedtune.config import check_override, load_config
 from fedtune.errors import FedtuneError
-from fedtune.methods import get_method
+from fedtune.methods.registry import METHODS, get_method
+from fedtune.privacy.factory import grid_overrides
 
 AXES = ("method", "rank", "uplink", "downlink", "privacy", "mix", "seed")
 TABLES = ("compare", "grid", "methods", "mixes", "axes")
@@ -105,7 +106,7 @@ def _expand(
     cells, refused, seen = [], {}, set()
     for combo in _product(axes):
         values = {axis: name for axis, (name, _) in combo.items()}
-        if values.get("method") == "fedkseed" and "rank" in values:
+        if "rank" in values and not _trains_adapter(values.get("method")):
             values["rank"] = "-"  # no adapter: the rank axis does not apply
         overrides = tuple(common) + tuple(
             o for axis, (_, axis_overrides) in combo.items() if values[axis] != "-" for o in axis_overrides
@@ -125,6 +126,11 @@ def _expand(
     if not cells:
         raise FedtuneError(f"no cell of the grid is a valid run config; for example {next(iter(refused.values()))}")
     return cells, refused
+
+
+def _trains_adapter(method: str | None) -> bool:
+    known = METHODS.get(method)
+    return known is None or known.kind == "adapter"
 
 
 def _axes(raw: dict[str, Any]) -> dict[str, dict[str, list[str]]]:
@@ -164,12 +170,7 @@ def _axis_overrides(axis: str, value: Any, methods: dict, mixes: dict) -> list[s
         chain = [] if value == "none" else str(value).split(",")
         return [f"compression.{axis.removesuffix('link')}={json.dumps(chain)}"]
     if axis == "privacy":
-        if value == "none":
-            return ["privacy.mode=none"]
-        mode, _, epsilon = str(value).partition(":")
-        if not epsilon:
-            raise FedtuneError(f"grid.privacy value {value!r}: write none or MODE:EPSILON, e.g. sample:8")
-        return [f"privacy.mode={mode}", f"privacy.epsilon={epsilon}"]
+        return grid_overrides(str(value))
     # mix
     if value == "none":
         return ["hardware.mix={}"]

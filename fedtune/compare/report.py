@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 from pathlib import Path
 
 from fedtune.compare.grid import Comparison
 from fedtune.compare.runner import CellResult
 from fedtune.compare.table import Group, markdown, pareto_front, write_csv
-from fedtune.report import pyplot, save_figure, write_atomic
+from fedtune.report.plots import pyplot, save_figure
+from fedtune.report.rows import read_rows, read_summary
+from fedtune.report.run_dir import write_atomic
 
 PLOTS = {
     "pareto.png": "Final accuracy against total bytes (down + up)",
@@ -29,9 +30,9 @@ def collect(results: list[CellResult]) -> list[Group]:
             continue
         cell = result.cell
         group = groups.setdefault(cell.group, Group(cell.group, {a: v for a, v in cell.values.items() if a != "seed"}))
-        summary = json.loads((result.run_dir / "summary.json").read_text())
-        group.runs.append(summary | {"seed": cell.values.get("seed", "")})
-        group.curves.append([json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()])
+        group.runs.append(read_summary(result.run_dir))
+        group.seeds.append(cell.values.get("seed", ""))
+        group.curves.append(read_rows(result.run_dir))
     return list(groups.values())
 
 
@@ -74,10 +75,10 @@ def plot_pareto(groups: list[Group], path: Path) -> None:
 def plot_curves(groups: list[Group], bytes_path: Path, time_path: Path) -> None:
     """Accuracy per round, averaged over seeds, against cumulative bytes and time;
     time is the simulated clock when every run models a fleet, else wall time."""
-    simulated = all("sim_time_s" in row for g in groups for curve in g.curves for row in curve[1:])
+    simulated = all(row.hardware is not None for g in groups for curve in g.curves for row in curve[1:])
     for path, x_of, label, log in (
-        (bytes_path, lambda r: r["cum_bytes_down"] + r["cum_bytes_up"], "cumulative bytes, down + up (log scale)", True),
-        (time_path, lambda r: r.get("sim_time_s", 0.0) if simulated else r["wall_time_s"],
+        (bytes_path, lambda r: r.cum_bytes_down + r.cum_bytes_up, "cumulative bytes, down + up (log scale)", True),
+        (time_path, lambda r: (r.hardware.sim_time_s if r.hardware else 0.0) if simulated else r.wall_time_s,
          "simulated time (s)" if simulated else "wall time (s), no fleet modelled", False),
     ):
         plt = pyplot()
@@ -85,7 +86,7 @@ def plot_curves(groups: list[Group], bytes_path: Path, time_path: Path) -> None:
         for g in groups:
             rounds = min(len(c) for c in g.curves)
             xs = [sum(x_of(c[i]) for c in g.curves) / len(g.curves) for i in range(rounds)]
-            ys = [sum(c[i]["accuracy"] for c in g.curves) / len(g.curves) for i in range(rounds)]
+            ys = [sum(c[i].accuracy for c in g.curves) / len(g.curves) for i in range(rounds)]
             start = 1 if log else 0  # round 0 (zero-shot) has spent no bytes
             ax.plot(xs[start:], ys[start:], marker="o", markersize=3, label=g.name)
         if log:

@@ -1,24 +1,26 @@
 """Run a comparison's cells, each a `fedtune run` in its own process (Ray, the model
-and its memory go away with it), logged to CELL_DIR/run.log. A finished cell is
-not run again and an interrupted one is resumed from its checkpoint, so rerunning
-`fedtune compare` after a crash finishes the grid."""
+and its memory go away with it), logged to CELL_DIR/run.log; its progress is read
+from the run directory's metrics as they land. A finished cell is not run again
+and an interrupted one is resumed from its checkpoint, so rerunning `fedtune
+compare` after a crash finishes the grid."""
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedtune import checkpoint
 from fedtune.checkpoint import CHECKPOINT
 from fedtune.compare.grid import Cell, Comparison
-
-ROUND_LINE = re.compile(r"(zero-shot|round \d+): accuracy .*")  # a run's per-round console line
+from fedtune.report.console import format_round
+from fedtune.report.rows import SUMMARY, read_rows, read_summary
 
 
 @dataclass(frozen=True)
@@ -33,8 +35,22 @@ def cell_dir(comparison: Comparison, cell: Cell) -> Path:
 
 
 def finished_run(directory: Path) -> Path | None:
-    done = sorted(directory.glob("*/summary.json"))
+    done = sorted(directory.glob(f"*/{SUMMARY}"))
     return done[-1].parent if done else None
+
+
+def _follow(child: subprocess.Popen, directory: Path, shown: int, echo: Callable[[str], None]) -> None:
+    """Echo the rounds of the newest run directory under ``directory`` after round
+    ``shown`` as they land, until ``child`` ends."""
+    while True:
+        ended = child.poll() is not None
+        runs = sorted(p.parent for p in directory.glob("*/config.toml"))
+        for row in read_rows(runs[-1], after=shown) if runs else []:
+            echo(format_round(row).strip())
+            shown = row.round
+        if ended:
+            return
+        time.sleep(1.0)
 
 
 def run_cells(comparison: Comparison, echo=print) -> list[CellResult]:
@@ -53,8 +69,10 @@ def run_cells(comparison: Comparison, echo=print) -> list[CellResult]:
             return CellResult(cell, run_dir)
         directory.mkdir(parents=True, exist_ok=True)
         interrupted = sorted(p.parent for p in directory.glob(f"*/{CHECKPOINT}"))
+        shown = -1  # the last round echoed
         if interrupted:
             args = ["--resume", str(interrupted[-1])]
+            shown = checkpoint.load(interrupted[-1])["round"]
             echo(f"{head}: resuming {interrupted[-1]}")
         else:
             overrides = [
@@ -68,19 +86,16 @@ def run_cells(comparison: Comparison, echo=print) -> list[CellResult]:
         log = directory / "run.log"
         started = time.perf_counter()
         with log.open("a") as out, subprocess.Popen(
-            [sys.executable, "-m", "fedtune.cli", "run", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            [sys.executable, "-m", "fedtune.cli", "run", *args], stdout=out, stderr=subprocess.STDOUT
         ) as child:
-            for line in child.stdout:
-                out.write(line)
-                if progress := ROUND_LINE.search(line):  # after tqdm's carriage returns, if any
-                    echo(f"{head}: {progress.group(0).strip()}")
+            _follow(child, directory, shown, lambda line: echo(f"{head}: {line}"))
         code = child.returncode
         run_dir = finished_run(directory)
         if code or run_dir is None:
             last = log.read_text().strip().splitlines()[-1:] or ["no output"]
             echo(f"{head}: FAILED (exit {code}): {last[0]}  [log: {log}]")
             return CellResult(cell, None, last[0])
-        accuracy = json.loads((run_dir / "summary.json").read_text())["final_accuracy"]
+        accuracy = read_summary(run_dir).final_accuracy
         echo(f"{head}: done in {time.perf_counter() - started:.0f} s, final accuracy {accuracy:.3f}")
         return CellResult(cell, run_dir)
 

@@ -10,9 +10,11 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedtune.report import human_bytes, write_atomic
+from fedtune.report.console import human_bytes
+from fedtune.report.rows import RoundRow, RunSummary
+from fedtune.report.run_dir import write_atomic
 
-COLUMNS = (  # summary.json keys, in table.csv order
+COLUMNS = (  # RunSummary fields, in table.csv order
     "final_accuracy", "best_accuracy", "total_bytes_down", "total_bytes_up",
     "bytes_per_client_round_down", "bytes_per_client_round_up", "rounds_to_target", "bytes_to_target",
     "sim_time_s", "sim_time_to_target_s", "epsilon", "wall_time_s",
@@ -25,16 +27,21 @@ class Group:
 
     name: str
     values: dict[str, str]  # axis -> value, without the seed
-    runs: list[dict] = field(default_factory=list)  # summary.json of each seed
-    curves: list[list[dict]] = field(default_factory=list)  # metrics.jsonl rows of each seed
+    runs: list[RunSummary] = field(default_factory=list)  # each seed's
+    seeds: list[str] = field(default_factory=list)
+    curves: list[list[RoundRow]] = field(default_factory=list)  # each seed's rows
+
+    def figures(self, key: str) -> list[float]:
+        """RunSummary field ``key`` of each seed that has it."""
+        return [v for r in self.runs if (v := getattr(r, key)) is not None]
 
     def mean(self, key: str) -> float | None:
-        xs = [r[key] for r in self.runs if r.get(key) is not None]
+        xs = self.figures(key)
         return statistics.fmean(xs) if len(xs) == len(self.runs) else None  # None: not every seed has it
 
     def spread(self, key: str) -> float:
         """Sample standard deviation over seeds; 0 with one seed."""
-        xs = [r[key] for r in self.runs if r.get(key) is not None]
+        xs = self.figures(key)
         return statistics.stdev(xs) if len(xs) > 1 else 0.0
 
     @property
@@ -74,9 +81,9 @@ def write_csv(groups: list[Group], axes: list[str], path: Path) -> None:
     writer = csv.writer(out)
     writer.writerow(["cell", *axes, *COLUMNS])
     for g in groups:
-        for run in g.runs:
-            seed = {"seed": str(run["seed"])} if "seed" in axes else {}
-            writer.writerow([g.name, *({**g.values, **seed}.get(a, "") for a in axes), *(run.get(k, "") for k in COLUMNS)])
+        for run, seed in zip(g.runs, g.seeds):
+            values = {**g.values, **({"seed": seed} if "seed" in axes else {})}
+            writer.writerow([g.name, *(values.get(a, "") for a in axes), *("" if (v := getattr(run, k)) is None else v for k in COLUMNS)])
     write_atomic(path, out.getvalue())
 
 
@@ -84,8 +91,8 @@ def markdown(groups: list[Group], failed: dict[str, str], refused: dict[str, str
     seeds = max(len(g.runs) for g in groups)
     front = {groups[i].name for i in pareto_front([(g.total_bytes, g.mean("final_accuracy")) for g in groups])}
     lines = [
-        f"| cell | final accuracy | best accuracy | bytes down | bytes up | per client-round down / up "
-        f"| rounds to target | bytes to target | simulated time to target | epsilon | wall time | Pareto |",
+        "| cell | final accuracy | best accuracy | bytes down | bytes up | per client-round down / up "
+        "| rounds to target | bytes to target | simulated time to target | epsilon | wall time | Pareto |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:-:|",
     ]
     for g in groups:
@@ -114,12 +121,13 @@ def _pm(g: Group, key: str) -> str:
 def _target(g: Group, key: str, fmt: str | None) -> str:
     """Mean over seeds of a to-target figure; "-" when there is no target (or,
     for simulated time, no fleet)."""
-    if "rounds_to_target" not in g.runs[0] or (key == "sim_time_to_target_s" and "sim_time_s" not in g.runs[0]):
+    first = g.runs[0]
+    if first.target_accuracy is None or (key == "sim_time_to_target_s" and first.sim_time_s is None):
         return "-"
-    missed = sum(r["rounds_to_target"] is None for r in g.runs)
+    missed = sum(r.rounds_to_target is None for r in g.runs)
     if missed:
         return "not reached" + (f" ({missed}/{len(g.runs)})" if missed < len(g.runs) else "")
-    mean = statistics.fmean(r[key] for r in g.runs)
+    mean = statistics.fmean(getattr(r, key) for r in g.runs)
     return human_bytes(mean) if fmt is None else fmt.format(mean)
 
 

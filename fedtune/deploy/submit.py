@@ -9,7 +9,6 @@ metrics.jsonl as they land; Flower's own status says whether the run completed.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,13 +16,14 @@ from pathlib import Path
 from fedtune import checkpoint
 from fedtune.deploy.flwr_cli import FlwrCli
 from fedtune.errors import FedtuneError
-from fedtune.report import human_bytes
+from fedtune.report.console import format_round
+from fedtune.report.rows import SUMMARY, RunSummary, read_rows, read_summary
 
-APP = Path(__file__).with_name("flwr_app")  # the Flower app that names fedtune's ServerApp and ClientApp
+APP = Path(__file__).parents[1] / "app" / "flower"  # the Flower app that names fedtune's ServerApp and ClientApp
 
 
 def run_to_end(flwr: FlwrCli, run_dir: Path, resume: bool = False, alive: Callable[[], None] = lambda: None,
-               status_every_s: float = 5.0) -> dict:
+               status_every_s: float = 5.0) -> RunSummary:
     """Run the job in ``run_dir`` on the federation; returns its summary. ``alive``
     raises if a process the run needs has died. Ctrl-C stops the run on the SuperLink."""
     run_id = flwr.submit(APP, {"run-dir": str(run_dir.resolve()), "resume": resume})
@@ -36,7 +36,7 @@ def run_to_end(flwr: FlwrCli, run_dir: Path, resume: bool = False, alive: Callab
             shown = _print_new_rounds(run_dir, shown)
             alive()
             # Each check is a `flwr` process: every few seconds, every second once the summary is written.
-            if time.monotonic() - checked >= status_every_s or (run_dir / "summary.json").exists():
+            if time.monotonic() - checked >= status_every_s or (run_dir / SUMMARY).exists():
                 status, details = flwr.status(run_id)
                 checked = time.monotonic()
     except KeyboardInterrupt:
@@ -45,21 +45,12 @@ def run_to_end(flwr: FlwrCli, run_dir: Path, resume: bool = False, alive: Callab
     _print_new_rounds(run_dir, shown)
     if status != "finished:completed":
         raise FedtuneError(f"run {run_id} {status.removeprefix('finished:')}: {details}")
-    return json.loads((run_dir / "summary.json").read_text())
+    return read_summary(run_dir)
 
 
 def _print_new_rounds(run_dir: Path, shown: int) -> int:
     """Print the rows of metrics.jsonl after round ``shown``; returns the last round printed."""
-    path = run_dir / "metrics.jsonl"
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            break  # the line being written
-        if row["round"] <= shown:
-            continue
-        head = "zero-shot" if row["round"] == 0 else f"round {row['round']}"
-        print(f"{head:>9}: accuracy {row['accuracy']:.3f}  loss {row['loss']:.3f}  "
-              f"down {human_bytes(row['bytes_down'])}  up {human_bytes(row['bytes_up'])}  clients {row['clients']}", flush=True)
-        shown = row["round"]
+    for row in read_rows(run_dir, after=shown):
+        print(format_round(row), flush=True)
+        shown = row.round
     return shown

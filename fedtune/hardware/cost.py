@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from fedtune.hardware.profiles import DeviceProfile
+from fedtune.hardware.catalogue import DeviceProfile
 
 PASSES = {"adapter": 2.0, "zeroth_order": 2.0}  # forward-pass equivalents per token
 BYTES = 4  # float32 weights and activations, as fedtune trains

@@ -1,6 +1,7 @@
 """The simulated hardware of one run, kept by the server: each client's device
 and plan, who is available and who fails in a round, how many local steps a
-client can do before the deadline, and the simulated clock."""
+client can do before the deadline, and the simulated clock. It is the round
+loop's participation policy when [hardware] is set."""
 
 from __future__ import annotations
 
@@ -9,29 +10,31 @@ import logging
 import math
 
 from fedtune.config import RunConfig
+from fedtune.hardware.catalogue import DeviceProfile
 from fedtune.hardware.cost import ModelShape, compute_seconds, transfer_seconds
 from fedtune.hardware.planner import Plan, plan_client
-from fedtune.hardware.profiles import DeviceProfile, assign_devices
+from fedtune.hardware.profiles import assign_devices
 from fedtune.hardware.schedule import ClientTime, available, failures, round_seconds
-from fedtune.methods.lora import lora_layers, temporarily_wrapped
+from fedtune.clients import client_name
+from fedtune.methods.base import Method
 from fedtune.models import Classifier
-from fedtune.task import client_name
+from fedtune.report.rows import HardwareRow
+from fedtune.rounds.participation import ClientReport, Participation
 
 log = logging.getLogger("fedtune")
 
 
-class Fleet:
-    def __init__(self, config: RunConfig, classifier: Classifier) -> None:
-        self.config = config
-        self.kind = "zeroth_order" if config.federation.method == "fedkseed" else "adapter"
-        self.clients = clients = [client_name(i) for i in range(config.partition.num_clients)]  # partition order
-        self.devices: dict[str, DeviceProfile] = dict(zip(clients, assign_devices(config.hardware, len(clients), config.run.seed)))
+class Fleet(Participation):
+    def __init__(self, config: RunConfig, classifier: Classifier, method: type[Method]) -> None:
+        clients = list(range(config.partition.num_clients))  # partition ids
+        super().__init__(clients, config.federation.clients_per_round or len(clients), config.run.seed, config.train.local_steps)
+        self.config, self.method = config, method
+        self.kind = method.kind
+        self.devices: dict[int, DeviceProfile] = dict(zip(clients, assign_devices(config.hardware, len(clients), config.run.seed)))
         self.shape = ModelShape.of(classifier.model)
-        adapter_params, largest_tuned = _trained_params(config, classifier)
+        footprint = method.footprint(config, classifier, {*config.hardware.rank_choices, config.lora.rank})
         context = config.model.max_length  # the worst case: every sequence padded to the limit
-        self.plans: dict[str, Plan] = {
-            c: plan_client(config, self.shape, d, context, adapter_params, largest_tuned) for c, d in self.devices.items()
-        }
+        self.plans: dict[int, Plan] = {c: plan_client(config, self.kind, self.shape, d, context, footprint) for c, d in self.devices.items()}
         self.clock = 0.0
         self.attempts: dict[int, int] = {}  # tries of each round so far (federation.round_retries)
         self.tokens_per_step = {c: config.train.batch_size * context for c in clients}  # until measured
@@ -44,33 +47,32 @@ class Fleet:
         self.clock, self.tokens_per_step, self.sequence_length = state["clock"], state["tokens_per_step"], state["sequence_length"]
 
     def planned(self, config: RunConfig) -> RunConfig:
-        """``config`` with FLoRA's per-client ranks from the plan written out as
-        lora.client_ranks (hardware.plan_ranks then done); a client that cannot
-        train gets the smallest rank and is never sampled."""
+        """``config`` with the planned rank of each client written out for the method
+        (hardware.plan_ranks then done); a client that cannot train gets the smallest
+        rank and is never sampled."""
         if not self.config.hardware.plan_ranks:
             return config
         smallest = min(self.config.hardware.rank_choices)
         ranks = [self.plans[c].rank or smallest for c in self.clients]
-        return dataclasses.replace(
-            config,
-            lora=dataclasses.replace(config.lora, client_ranks=ranks),
-            hardware=dataclasses.replace(config.hardware, plan_ranks=False),
-        )
+        config = self.method.with_client_ranks(config, ranks)
+        return dataclasses.replace(config, hardware=dataclasses.replace(config.hardware, plan_ranks=False))
 
-    def eligible(self) -> list[str]:
+    def eligible(self) -> list[int]:
         return sorted(c for c, p in self.plans.items() if p.kind == self.kind)
 
     def describe(self) -> str:
+        for c, reason in sorted(self.excluded().items()):
+            log.warning("%s excluded: %s", client_name(c), reason)
         lines = [f"{'client':<10}{'device':<16}{'plan':<22}predicted peak memory"]
         for c in self.clients:
             p = self.plans[c]
             plan = f"LoRA rank {p.rank}" if p.kind == "adapter" else p.kind.replace("_", "-")
             if p.kind != self.kind:
                 plan = "excluded"
-            lines.append(f"{c:<10}{p.device.name:<16}{plan:<22}{p.memory / 1e9:.2f} GB")
+            lines.append(f"{client_name(c):<10}{p.device.name:<16}{plan:<22}{p.memory / 1e9:.2f} GB")
         return "\n".join(lines)
 
-    def excluded(self) -> dict[str, str]:
+    def excluded(self) -> dict[int, str]:
         """Clients that cannot take part in this run's method, with the reason."""
         reasons = {}
         for c, p in self.plans.items():
@@ -78,14 +80,14 @@ class Fleet:
                 reasons[c] = p.reason or f"{p.device.name} runs {p.kind.replace('_', '-')} only"
         return reasons
 
-    def participants(self, rnd: int) -> list[str]:
+    def candidates(self, rnd: int) -> list[int]:
         """Eligible clients whose devices are available this round. Availability is
         drawn for every device, so a device is up in the same rounds whichever
         method (and so whichever set of eligible clients) a run has."""
         eligible = set(self.eligible())
         return [c for c in available(self.devices, self.config.run.seed, rnd) if c in eligible]
 
-    def steps_within_deadline(self, client: str, down_bytes: int) -> int:
+    def steps(self, client: int, down_bytes: int) -> int:
         """Local steps ``client`` can finish before hardware.deadline_s (partial
         stragglers), from the work per step it last reported; the uplink is assumed
         as large as the downlink."""
@@ -97,7 +99,7 @@ class Fleet:
         per_step = compute_seconds(self.shape, self.kind, self.tokens_per_step[client], self.sequence_length[client], device)
         return max(0, min(steps, math.floor((h.deadline_s - talk) / per_step)))
 
-    def client_time(self, client: str, down_bytes: int, up_bytes: int, metrics: dict[str, float]) -> ClientTime:
+    def client_time(self, client: int, down_bytes: int, up_bytes: int, metrics: dict[str, float]) -> ClientTime:
         """The simulated time of ``client``'s round from the work it reported."""
         device = self.devices[client]
         tokens, sequences = int(metrics["tokens"]), max(1, int(metrics["sequences"]))
@@ -109,39 +111,28 @@ class Fleet:
             transfer_seconds(up_bytes, device.uplink, device.latency),
         )
 
-    def settle(self, rnd: int, times: dict[str, ClientTime]) -> tuple[list[str], dict[str, float]]:
+    def settle(self, rnd: int, reports: dict[int, ClientReport]) -> tuple[list[int], HardwareRow]:
+        times = {c: self.client_time(c, r.down_bytes, r.up_bytes, r.metrics) for c, r in reports.items()}
+        return self.settle_times(rnd, times)
+
+    def settle_times(self, rnd: int, times: dict[int, ClientTime]) -> tuple[list[int], HardwareRow]:
         """Apply this round's simulated failures and deadline to the clients that
-        replied: (the clients whose updates count, the round's hardware metrics)."""
+        replied: (the clients whose updates count, the round on the hardware)."""
         attempt = self.attempts[rnd] = self.attempts.get(rnd, -1) + 1
         failed = failures(self.devices, list(times), self.config.run.seed, rnd, attempt)
         for client, at in failed.items():
-            log.warning("round %d: %s dropped: its %s failed %.0f%% into the round (simulated)", rnd, client, self.devices[client].name, 100 * at)
+            log.warning("round %d: %s dropped: its %s failed %.0f%% into the round (simulated)", rnd, client_name(client),
+                        self.devices[client].name, 100 * at)
         finished = {c: t for c, t in times.items() if c not in failed}
         seconds, stragglers = round_seconds(finished, self.config.hardware.deadline_s)
         for client in stragglers:
-            log.warning("round %d: %s dropped: %.0f s past the %.0f s deadline (simulated %s)", rnd, client,
+            log.warning("round %d: %s dropped: %.0f s past the %.0f s deadline (simulated %s)", rnd, client_name(client),
                         times[client].total_s - self.config.hardware.deadline_s, self.config.hardware.deadline_s, self.devices[client].name)
         if failed and not finished:  # everyone failed: the server waited for the last failure, or the deadline
             seconds = max(times[c].total_s * at for c, at in failed.items())
             seconds = min(seconds, self.config.hardware.deadline_s or seconds)
         self.clock += seconds
         kept = sorted(c for c in finished if c not in stragglers)
-        metrics = {"sim_round_s": seconds, "sim_time_s": self.clock, "failed": len(failed), "stragglers": len(stragglers)}
-        for name in sorted({d.name for d in self.devices.values()}):
-            metrics[f"took_part_{name}"] = sum(self.devices[c].name == name for c in kept)
-        return kept, metrics
-
-
-def _trained_params(config: RunConfig, classifier: Classifier) -> tuple[dict[int, int], int]:
-    """Trained parameters of a LoRA adapter at each candidate rank (rank * (in +
-    out) per adapted layer, plus the head), and the largest tensor zeroth-order
-    tuning perturbs (an adapted layer's weight or the head)."""
-    with temporarily_wrapped(classifier, config.lora, config.run.seed) as peft:
-        layers = [layer.base_layer for layer in lora_layers(peft).values()]
-    head = sum(p.numel() for p in getattr(classifier.model, classifier.head_name).parameters())
-    per_rank = sum(layer.in_features + layer.out_features for layer in layers)
-    ranks = {*config.hardware.rank_choices, config.lora.rank}
-    largest = max([layer.weight.numel() for layer in layers] + [head])
-    return {r: r * per_rank + head for r in ranks}, largest
-
+        took_part = {name: sum(self.devices[c].name == name for c in kept) for name in sorted({d.name for d in self.devices.values()})}
+        return kept, HardwareRow(seconds, self.clock, len(failed), len(stragglers), took_part)
 

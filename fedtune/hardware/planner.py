@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 from fedtune.config import RunConfig
 from fedtune.hardware.cost import ModelShape, peak_memory
-from fedtune.hardware.profiles import DeviceProfile
+from fedtune.hardware.catalogue import DeviceProfile
+from fedtune.methods.base import Footprint
 
 
 @dataclass(frozen=True)
@@ -24,27 +25,25 @@ class Plan:
     reason: str = ""  # why excluded
 
 
-def plan_client(
-    config: RunConfig, shape: ModelShape, device: DeviceProfile, context: int, adapter_params: dict[int, int], tuned_params: int
-) -> Plan:
-    """``adapter_params`` maps each candidate rank to its trained parameter count;
-    ``tuned_params`` is the largest tensor zeroth-order tuning perturbs."""
-    batch = config.train.batch_size
-    if config.federation.method == "fedkseed":
+def plan_client(config: RunConfig, kind: str, shape: ModelShape, device: DeviceProfile, context: int, footprint: Footprint) -> Plan:
+    """The plan of a client on ``device`` for a method of ``kind`` ("adapter" or
+    "zeroth_order") whose trained parameters ``footprint`` gives."""
+    batch, tuned_params = config.train.batch_size, footprint.largest_tuned
+    if kind == "zeroth_order":
         need = peak_memory(shape, "zeroth_order", batch, context, tuned_params)
         if need <= device.memory:
             return Plan(device, "zeroth_order", memory=need)
         return Plan(device, "excluded", memory=need, reason=_short(device, need, "zeroth-order tuning"))
     ranks = sorted(config.hardware.rank_choices, reverse=True) if config.hardware.plan_ranks else [config.lora.rank]
     for rank in ranks:
-        need = peak_memory(shape, "adapter", batch, context, adapter_params[rank])
+        need = peak_memory(shape, "adapter", batch, context, footprint.trained_params[rank])
         if need <= device.memory:
             return Plan(device, "adapter", rank, need)
     inference = peak_memory(shape, "zeroth_order", batch, context, tuned_params)
     if inference <= device.memory:
         return Plan(
             device, "zeroth_order", memory=inference,
-            reason=f"{_short(device, need, f'LoRA training at rank {ranks[-1]}')}; it could run federation.method 'fedkseed'",
+            reason=f"{_short(device, need, f'LoRA training at rank {ranks[-1]}')}; it could run a zeroth-order method",
         )
     return Plan(device, "excluded", memory=inference, reason=_short(device, inference, "even inference"))
 

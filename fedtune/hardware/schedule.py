@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedtune.hardware.profiles import DeviceProfile
+from fedtune.hardware.catalogue import DeviceProfile
 
 
 def available(devices: dict[str, DeviceProfile], seed: int, rnd: int) -> list[str]:

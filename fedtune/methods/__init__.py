@@ -1,24 +1,23 @@
-"""Method registry: adding a method is one module plus one line here."""
+"""Federated methods, one module each behind one interface (``base.Method``), and
+their registry. The registry and the interface load on first use: importing this
+package for the methods' config sections (``options``) loads no torch or PEFT."""
 
 from __future__ import annotations
 
-from fedtune.config import RunConfig
-from fedtune.errors import FedtuneError
-from fedtune.methods.base import ClientJob, ClientUpdate, LocalResult, Method
-from fedtune.methods.fed_sb import FedSB
-from fedtune.methods.fedit import FedIT
-from fedtune.methods.ffa_lora import FFALoRA
-from fedtune.methods.fedkseed import FedKSeed
-from fedtune.methods.flora import FLoRA
+from typing import Any
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (FedIT, FFALoRA, FLoRA, FedSB, FedKSeed)}
+_REGISTRY = {"METHODS", "get_method", "method_class"}
+_INTERFACE = {"ClientJob", "ClientUpdate", "LocalResult", "Method"}
+__all__ = sorted(_REGISTRY | _INTERFACE)
 
 
-def get_method(config: RunConfig) -> Method:
-    name = config.federation.method
-    if name not in METHODS:
-        raise FedtuneError(f"unknown federation.method {name!r}; available: {', '.join(sorted(METHODS))}")
-    return METHODS[name](config)
+def __getattr__(name: str) -> Any:
+    if name in _REGISTRY:
+        from fedtune.methods import registry
 
+        return getattr(registry, name)
+    if name in _INTERFACE:
+        from fedtune.methods import base
 
-__all__ = ["METHODS", "ClientJob", "ClientUpdate", "LocalResult", "Method", "get_method"]
+        return getattr(base, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -9,11 +9,12 @@ share state: the server half runs in the ServerApp, the client half in a ClientA
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
@@ -23,10 +24,14 @@ from fedtune.codecs.spec import parse_chain
 from fedtune.config import RunConfig
 from fedtune.data import TextDataset
 from fedtune.errors import FedtuneError
+from fedtune.methods.adapters import adapter_footprint, temporarily_wrapped
 from fedtune.models import Classifier
 from fedtune.privacy.dp_sgd import DPSGD
-from fedtune.privacy.mechanism import Noise
+from fedtune.privacy.mechanism import clip_update
 from fedtune.wire import TensorDict
+
+if TYPE_CHECKING:
+    from fedtune.rounds.release import Release
 
 
 @dataclass(frozen=True)
@@ -45,7 +50,7 @@ class LocalResult:
 class ClientJob:
     """What a client's local round works with, besides its model and downlink."""
 
-    client: str
+    client: int  # partition id
     data: TextDataset
     seed: int  # unique per (run, round, client), so that every run is reproducible
     # The client's own memory between rounds: the method reads and updates it in
@@ -61,10 +66,10 @@ class ClientUpdate:
 
     With a lossy codec, a tensor whose name is in ``reference`` (what the client was
     sent) is the change against it, possibly a sparse tensor; ``dense(name)`` gives
-    the value it stands for, and :func:`fedtune.methods.lora.weighted_average`
+    the value it stands for, and :meth:`fedtune.rounds.release.Release.average`
     averages without materializing it."""
 
-    client: str
+    client: int  # partition id
     tensors: TensorDict
     num_examples: int
     reference: TensorDict = field(default_factory=dict)
@@ -73,22 +78,36 @@ class ClientUpdate:
         return absolute(name, self.tensors[name], self.reference)
 
 
+@dataclass(frozen=True)
+class Footprint:
+    """What the hardware planner needs of a method: the parameters it trains at each
+    LoRA rank, and the largest tensor a zeroth-order step perturbs."""
+
+    trained_params: dict[int, int]
+    largest_tuned: int
+
+
 class Method(ABC):
     name: ClassVar[str]
+    # "adapter": trains a LoRA-style adapter by backpropagation; "zeroth_order":
+    # forward passes only (what the hardware model charges and who can run it).
+    kind: ClassVar[str] = "adapter"
 
-    # Whether clients may train adapters of different ranks (lora.client_ranks).
+    # Whether clients may train adapters of different ranks (a rank per client).
     heterogeneous_ranks: ClassVar[bool] = False
     # Whether the payloads are float tensors that the codecs of [compression] apply to.
     compressible: ClassVar[bool] = True
     # Whether the downlink may be rounded by a lossy codec: not when clients must
     # rebuild the server's state exactly (replayed rounds, fixed bases).
     lossy_downlink: ClassVar[bool] = True
+    # Whether clients can add shares of client-level DP noise (privacy.noise_on "clients").
+    noise_shares: ClassVar[bool] = True
 
     def __init__(self, config: RunConfig) -> None:
-        if config.lora.client_ranks and not self.heterogeneous_ranks:
+        if config.hardware.plan_ranks and not self.heterogeneous_ranks:
             raise FedtuneError(
-                f"lora.client_ranks is set but federation.method {self.name!r} needs one rank for all "
-                "clients; use method 'flora' or remove lora.client_ranks"
+                f"hardware.plan_ranks gives each client its own rank, but federation.method {self.name!r} "
+                "trains one rank for all clients; use a method with a rank per client (flora)"
             )
         if (config.compression.up or config.compression.down) and not self.compressible:
             raise FedtuneError(
@@ -101,26 +120,54 @@ class Method(ABC):
             )
         self.config = config
 
+    @classmethod
+    def with_client_ranks(cls, config: RunConfig, ranks: list[int]) -> RunConfig:
+        """``config`` with one LoRA rank per client (hardware.plan_ranks' plan), for
+        methods with ``heterogeneous_ranks``."""
+        raise NotImplementedError(f"{cls.name} trains one rank for all clients")
+
+    @classmethod
+    def footprint(cls, config: RunConfig, classifier: Classifier, ranks: set[int]) -> Footprint:
+        """What the hardware planner charges: a LoRA adapter at each rank in ``ranks``,
+        and zeroth-order tuning of the layers LoRA would adapt."""
+        return Footprint(*adapter_footprint(classifier, config.lora, config.run.seed, ranks))
+
+    def private_release_blocker(self) -> str | None:
+        """Why this method, as configured, cannot run under differential privacy, or None."""
+        return None
+
+    def clipped(self, result: LocalResult, bound: float) -> LocalResult:
+        """``result`` with its update, the change of its float tensors from
+        ``result.start`` taken as one vector, scaled to L2 norm at most ``bound``."""
+        return dataclasses.replace(result, tensors=clip_update(result.tensors, result.start, bound)[0])
+
+    def check(self, classifier: Classifier) -> None:
+        """Raise, without server_init's cost, the one-line error server_init would
+        raise for a user's mistake (the CLI's preflight): by default, that LoRA fits
+        the model."""
+        with temporarily_wrapped(classifier, self.config.lora, self.config.run.seed):
+            pass
+
     # -- server half ---------------------------------------------------------
     @abstractmethod
     def server_init(self, classifier: Classifier) -> None:
         """Build the global state from the base model (loaded with the run seed)."""
 
     @abstractmethod
-    def server_downlink(self, client: str) -> TensorDict:
+    def server_downlink(self, client: int) -> TensorDict:
         """What ``client`` receives at the start of a round (may differ per client)."""
 
     @abstractmethod
-    def server_aggregate(self, updates: list[ClientUpdate], noise: Noise | None = None) -> None:
-        """Fold one round's updates (sorted by client name) into the global state;
-        under client-level DP, add ``noise`` to every sum of updates it releases."""
+    def server_aggregate(self, updates: list[ClientUpdate], release: Release) -> None:
+        """Fold one round's updates (sorted by client) into the global state, with
+        the weights and noise of ``release``."""
 
     def released_alone(self, name: str) -> bool:
         """Whether tensor ``name`` of each client is released on its own rather than
         in a sum over clients, so that its DP noise cannot be shared (FLoRA's factors)."""
         return False
 
-    def uplink_template(self, client: str) -> TensorDict:
+    def uplink_template(self, client: int) -> TensorDict:
         """Tensors with the names, shapes and dtypes ``client`` must send (values
         unused). By default: what it was sent."""
         return self.server_downlink(client)

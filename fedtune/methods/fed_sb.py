@@ -23,23 +23,23 @@ import torch.nn.functional as F
 from peft import PeftModel
 from torch import nn
 
+from fedtune.clients import client_name
 from fedtune.config import RunConfig
 from fedtune.data import TextDataset
 from fedtune.errors import FedtuneError
-from fedtune.methods.base import ClientJob, ClientUpdate, LocalResult
-from fedtune.methods.lora import (
+from fedtune.methods.adapters import (
     PREFIX,
-    AveragedAdapter,
     export_as_lora,
     load_trainable_state,
     lora_layers,
     temporarily_wrapped,
-    train_adapter,
     trainable_state,
     wrap_with_lora,
 )
+from fedtune.methods.base import ClientJob, ClientUpdate, LocalResult
+from fedtune.methods.lora import AveragedAdapter, train_adapter
 from fedtune.models import Classifier
-from fedtune.privacy.mechanism import Noise
+from fedtune.rounds.release import Release
 from fedtune.task import server_data
 from fedtune.wire import TensorDict
 
@@ -67,6 +67,11 @@ class FedSB(AveragedAdapter):
             layer.lora_B["default"] = nn.Sequential(OrderedDict(R=r, B=b))
         return model
 
+    def check(self, classifier: Classifier) -> None:
+        server_data(self.config, self.config.fed_sb.calibration_size)
+        with temporarily_wrapped(classifier, self.config.lora, self.config.run.seed) as peft:
+            _check_rank(peft, self.config.lora.rank)
+
     # -- server ----------------------------------------------------------------
     def server_init(self, classifier: Classifier) -> None:
         self.classifier = classifier
@@ -74,18 +79,18 @@ class FedSB(AveragedAdapter):
         self.bases = _bases_from_first_update(classifier, calibration, self.config)
         self.model = self.wrap(classifier, self.bases, self.config.run.seed)
         self.global_tensors = trainable_state(self.model)
-        self.has_bases: set[str] = set()
+        self.has_bases: set[int] = set()
 
-    def server_downlink(self, client: str) -> TensorDict:
+    def server_downlink(self, client: int) -> TensorDict:
         if client in self.has_bases:
             return self.global_tensors
         return self.global_tensors | {BASIS + n: t for n, t in self.bases.items()}
 
-    def uplink_template(self, client: str) -> TensorDict:
+    def uplink_template(self, client: int) -> TensorDict:
         return self.global_tensors
 
-    def server_aggregate(self, updates: list[ClientUpdate], noise: Noise | None = None) -> None:
-        super().server_aggregate(updates, noise)
+    def server_aggregate(self, updates: list[ClientUpdate], release: Release) -> None:
+        super().server_aggregate(updates, release)
         self.has_bases.update(u.client for u in updates)
 
     def export(self, directory: Path) -> None:
@@ -103,7 +108,7 @@ class FedSB(AveragedAdapter):
             job.state.clear()
             job.state.update({n.removeprefix(BASIS): t for n, t in downlink.items() if n.startswith(BASIS)})
         if not job.state:
-            raise FedtuneError(f"{job.client} holds no Fed-SB bases and the server sent none")
+            raise FedtuneError(f"{client_name(job.client)} holds no Fed-SB bases and the server sent none")
         model = self.wrap(classifier, job.state, job.seed)
         load_trainable_state(model, {n: t for n, t in downlink.items() if not n.startswith(BASIS)})
         return train_adapter(model, classifier, job, self.config.train)
@@ -115,9 +120,8 @@ def _bases_from_first_update(classifier: Classifier, data: TextDataset, config: 
     first step also has the factor lr, which changes no singular vector.)"""
     rank = config.lora.rank
     with temporarily_wrapped(classifier, config.lora, config.run.seed) as peft:
+        _check_rank(peft, rank)
         weights = {path: layer.base_layer.weight for path, layer in lora_layers(peft).items()}
-        if too_small := next((p for p, w in weights.items() if min(w.shape) < rank), None):
-            raise FedtuneError(f"lora.rank {rank} exceeds the smaller side of layer {too_small} {tuple(weights[too_small].shape)}")
         for p in peft.parameters():
             p.requires_grad_(False)
         try:
@@ -136,3 +140,10 @@ def _bases_from_first_update(classifier: Classifier, data: TextDataset, config: 
         bases[f"{path}.A"], bases[f"{path}.B"] = vh[:rank].contiguous(), u[:, :rank].contiguous()
         w.grad = None
     return bases
+
+
+def _check_rank(peft: PeftModel, rank: int) -> None:
+    """The SVD gives at most min(out, in) singular vectors per layer."""
+    for path, layer in lora_layers(peft).items():
+        if min(layer.base_layer.weight.shape) < rank:
+            raise FedtuneError(f"lora.rank {rank} exceeds the smaller side of layer {path} {tuple(layer.base_layer.weight.shape)}")

@@ -9,15 +9,9 @@ from pathlib import Path
 
 from peft import PeftModel
 
+from fedtune.methods.adapters import load_trainable_state, save_adapter, trainable_state, wrap_with_lora
 from fedtune.methods.base import ClientJob, LocalResult
-from fedtune.methods.lora import (
-    AveragedAdapter,
-    load_trainable_state,
-    save_adapter,
-    train_adapter,
-    trainable_state,
-    wrap_with_lora,
-)
+from fedtune.methods.lora import AveragedAdapter, train_adapter
 from fedtune.models import Classifier
 from fedtune.wire import TensorDict
 
@@ -34,7 +28,7 @@ class FedIT(AveragedAdapter):
         self.model = self.wrap(classifier, self.config.run.seed)
         self.global_tensors = trainable_state(self.model)
 
-    def server_downlink(self, client: str) -> TensorDict:
+    def server_downlink(self, client: int) -> TensorDict:
         return self.global_tensors
 
     def export(self, directory: Path) -> None:

@@ -23,6 +23,7 @@ it as K bytes; clients sample seeds with softmax(those values) as probabilities.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -32,11 +33,11 @@ from torch import nn
 
 from fedtune import zeroth_order as zo
 from fedtune.errors import FedtuneError
+from fedtune.methods.adapters import lora_layers, temporarily_wrapped
 from fedtune.methods.base import ClientJob, ClientUpdate, LocalResult, Method
-from fedtune.methods.lora import lora_layers, temporarily_wrapped
 from fedtune.methods.replay import RoundLog, catch_up
 from fedtune.models import Classifier, export_info
-from fedtune.privacy.mechanism import Noise
+from fedtune.rounds.release import Release
 from fedtune.task import derive_seed
 from fedtune.training import TrainStats, batch_order
 from fedtune.wire import TensorDict
@@ -47,20 +48,13 @@ AMPLITUDE_CLIP = 0.5
 
 class FedKSeed(Method):
     name = "fedkseed"
+    kind = "zeroth_order"
     compressible = False  # fedkseed.encoding instead
+    # Client shares of DP noise would have to cover all K sums, making uplinks and replays dense.
+    noise_shares = False
 
     def __init__(self, config) -> None:
         super().__init__(config)
-        p = config.privacy
-        if p.mode == "sample":
-            raise FedtuneError("privacy.mode 'sample' is DP-SGD, which needs gradients; FedKSeed takes none: use privacy.mode 'client'")
-        if p.mode == "client" and p.noise_on == "clients":
-            raise FedtuneError(
-                "FedKSeed takes privacy.noise_on 'server' only: client shares would have to cover all "
-                "fedkseed.num_seeds sums, making uplinks and replays dense"
-            )
-        if p.mode != "none" and config.fedkseed.pro:
-            raise FedtuneError("fedkseed.pro cannot run under privacy: its seed probabilities come from each client's raw scalars")
         self.k = config.fedkseed.num_seeds
         self.seeds = [derive_seed(config.run.seed, 0x5EED, j) for j in range(self.k)]
 
@@ -87,6 +81,9 @@ class FedKSeed(Method):
             zo.move(tuned, self.seeds[j], -self.config.train.lr * float(scalars[j]))
         return [t.name for t in tuned]
 
+    def check(self, classifier: Classifier) -> None:
+        self.tuned(classifier)
+
     # -- server ----------------------------------------------------------------
     def server_init(self, classifier: Classifier) -> None:
         self.classifier = classifier
@@ -97,7 +94,7 @@ class FedKSeed(Method):
         self.amplitude_sum = torch.zeros(self.k, dtype=torch.float64)
         self.amplitude_count = torch.ones(self.k, dtype=torch.float64)
 
-    def server_downlink(self, client: str) -> TensorDict:
+    def server_downlink(self, client: int) -> TensorDict:
         down = self.log.missed(client)
         if self.config.fedkseed.pro:
             mean = self.amplitude_sum / self.amplitude_count
@@ -115,20 +112,19 @@ class FedKSeed(Method):
             return "num_examples is 0"
         return self.check_norm(lambda: float(per_seed_sums(seeds, scalars, self.k).double().square().sum()))
 
-    def server_aggregate(self, updates: list[ClientUpdate], noise: Noise | None = None) -> None:
-        total = sum(u.num_examples for u in updates)
+    def server_aggregate(self, updates: list[ClientUpdate], release: Release) -> None:
         delta, used = torch.zeros(self.k), torch.zeros(self.k, dtype=torch.bool)
-        for u in updates:
+        for u, weight in zip(updates, release.weights):
             seeds, scalars = self.uplink_pairs(u.tensors)
-            delta += (u.num_examples / total) * per_seed_sums(seeds, scalars, self.k)
+            delta += weight * per_seed_sums(seeds, scalars, self.k)
             used[seeds] = True
             clipped = scalars.double().clamp(-AMPLITUDE_CLIP, AMPLITUDE_CLIP).abs()
             self.amplitude_sum.index_add_(0, seeds, clipped)
             self.amplitude_count.index_add_(0, seeds, torch.ones_like(clipped))
-        if noise is not None:
+        if release.noise is not None:
             # Which seeds were drawn depends on no data (seeded draws), so the
             # released sums are those of the seeds some client used.
-            delta[used] += noise.sample((int(used.sum()),), max(u.num_examples for u in updates) / total)
+            delta[used] += release.noise.sample((int(used.sum()),), release.noise_scale)
         self.apply(self.tuned_params, delta)
         self.log.append(self.encode_scalars(delta), (u.client for u in updates))
 
@@ -149,6 +145,18 @@ class FedKSeed(Method):
         self.classifier.model.save_pretrained(directory)
         self.classifier.tokenizer.save_pretrained(directory)
         export_info(directory, self.classifier, base_model=None)
+
+    def private_release_blocker(self) -> str | None:
+        if self.config.fedkseed.pro:
+            return "fedkseed.pro cannot run under privacy: its seed probabilities come from each client's raw scalars"
+        return None
+
+    def clipped(self, result: LocalResult, bound: float) -> LocalResult:
+        """The update is the vector of per-seed sums: scaling every scalar scales it."""
+        seeds, scalars = self.uplink_pairs(result.tensors)
+        norm = float(per_seed_sums(seeds, scalars, self.k).norm())
+        scale = min(1.0, bound / norm) if norm > 0 else 1.0
+        return dataclasses.replace(result, tensors={**result.tensors, "scalars": result.tensors["scalars"] * scale})
 
     # -- encodings ---------------------------------------------------------------
     def encode_scalars(self, dense: torch.Tensor) -> TensorDict:
@@ -224,10 +232,6 @@ class FedKSeed(Method):
             scalars.append(g)
             losses.append(loss)
         seeds, values = torch.from_numpy(draws.astype(np.int32)), torch.tensor(scalars, dtype=torch.float32)
-        if self.config.privacy.mode == "client":
-            # The update is the vector of per-seed sums: scaling every step's scalar scales it.
-            norm = float(per_seed_sums(seeds.long(), values, self.k).norm())
-            values *= min(1.0, self.config.privacy.clip / norm) if norm > 0 else 1.0
         if self.config.fedkseed.encoding == "paper":
             up = {"seeds": seeds, "scalars": values}
         else:

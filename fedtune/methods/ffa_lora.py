@@ -9,7 +9,7 @@ from __future__ import annotations
 from peft import PeftModel
 
 from fedtune.methods.fedit import FedIT
-from fedtune.methods.lora import wrap_with_lora
+from fedtune.methods.adapters import wrap_with_lora
 from fedtune.models import Classifier
 
 

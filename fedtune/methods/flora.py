@@ -20,21 +20,20 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fedtune.methods.base import ClientJob, ClientUpdate, LocalResult, Method
-from fedtune.methods.lora import (
+from fedtune.config import RunConfig
+from fedtune.methods.adapters import (
     PREFIX,
     export_as_lora,
     lora_layers,
     temporarily_wrapped,
-    train_adapter,
     trainable_state,
-    weighted_average,
     wrap_with_lora,
 )
+from fedtune.methods.base import ClientJob, ClientUpdate, LocalResult, Method
+from fedtune.methods.lora import train_adapter
 from fedtune.methods.replay import RoundLog, catch_up
 from fedtune.models import Classifier
-from fedtune.privacy.mechanism import Noise
-from fedtune.task import partition_id_of
+from fedtune.rounds.release import Release
 from fedtune.wire import TensorDict
 
 HEAD = "head/"
@@ -45,9 +44,13 @@ class FLoRA(Method):
     heterogeneous_ranks = True
     lossy_downlink = False
 
-    def rank(self, client: str) -> int:
-        ranks = self.config.lora.client_ranks
-        return ranks[partition_id_of(client)] if ranks else self.config.lora.rank
+    @classmethod
+    def with_client_ranks(cls, config: RunConfig, ranks: list[int]) -> RunConfig:
+        return dataclasses.replace(config, flora=dataclasses.replace(config.flora, client_ranks=ranks))
+
+    def rank(self, client: int) -> int:
+        ranks = self.config.flora.client_ranks
+        return ranks[client] if ranks else self.config.lora.rank
 
     # -- server ----------------------------------------------------------------
     def server_init(self, classifier: Classifier) -> None:
@@ -60,11 +63,11 @@ class FLoRA(Method):
         self.params = dict(self.model.named_parameters())
         self.log = RoundLog()  # each round's stacked factors
 
-    def server_downlink(self, client: str) -> TensorDict:
+    def server_downlink(self, client: int) -> TensorDict:
         head = {HEAD + _plain(n): self.params[_plain(n)].detach() for n in self.head_names}
         return self.log.missed(client) | head
 
-    def uplink_template(self, client: str) -> TensorDict:
+    def uplink_template(self, client: int) -> TensorDict:
         r = self.rank(client)
         template = {n: self.params[_plain(n)] for n in self.head_names}
         for path, base in self.targets.items():
@@ -75,26 +78,20 @@ class FLoRA(Method):
     def released_alone(self, name: str) -> bool:
         return "lora_" in name  # each client's factors are stacked, not summed
 
-    def server_aggregate(self, updates: list[ClientUpdate], noise: Noise | None = None) -> None:
-        total = sum(u.num_examples for u in updates)
-
-        def factor(u: ClientUpdate, name: str) -> torch.Tensor:
-            value = u.dense(name)
-            return value if noise is None else value + noise.sample(value.shape)
-
+    def server_aggregate(self, updates: list[ClientUpdate], release: Release) -> None:
         factors = {}
         with torch.no_grad():
             for path in self.targets:
                 a = torch.cat([
-                    (u.num_examples / total) * (self.config.lora.alpha / self.rank(u.client))
-                    * factor(u, f"{PREFIX}{path}.lora_A.default.weight")
-                    for u in updates
+                    weight * (self.config.lora.alpha / self.rank(u.client))
+                    * release.alone(u.dense(f"{PREFIX}{path}.lora_A.default.weight"))
+                    for u, weight in zip(updates, release.weights)
                 ])
-                b = torch.cat([factor(u, f"{PREFIX}{path}.lora_B.default.weight") for u in updates], dim=1)
+                b = torch.cat([release.alone(u.dense(f"{PREFIX}{path}.lora_B.default.weight")) for u in updates], dim=1)
                 factors[f"{path}.A"], factors[f"{path}.B"] = a, b
             _merge(self.params, factors)
-            for name, value in weighted_average([_head_only(u, self.head_names) for u in updates], noise).items():
-                self.params[_plain(name)].copy_(value)
+            for name in self.head_names:
+                self.params[_plain(name)].copy_(release.average(updates, name))
         self.log.append(factors, (u.client for u in updates))
 
     def server_state(self) -> dict[str, object]:
@@ -149,6 +146,3 @@ def _plain(peft_name: str) -> str:
     """A head parameter's name in the unwrapped model."""
     return peft_name.removeprefix(PREFIX).replace(".modules_to_save.default", "")
 
-
-def _head_only(update: ClientUpdate, head_names: list[str]) -> ClientUpdate:
-    return ClientUpdate(update.client, {n: update.tensors[n] for n in head_names}, update.num_examples, update.reference)

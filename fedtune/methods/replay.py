@@ -26,9 +26,9 @@ class RoundLog:
 
     def __init__(self) -> None:
         self.deltas: list[TensorDict] = []
-        self.synced: dict[str, int] = {}
+        self.synced: dict[int, int] = {}
 
-    def missed(self, client: str) -> TensorDict:
+    def missed(self, client: int) -> TensorDict:
         """The deltas ``client`` has not applied, as ``round<t>/<name>`` tensors."""
         return {
             f"round{t}/{name}": tensor
@@ -36,7 +36,7 @@ class RoundLog:
             for name, tensor in self.deltas[t - 1].items()
         }
 
-    def append(self, delta: TensorDict, clients: Iterable[str]) -> None:
+    def append(self, delta: TensorDict, clients: Iterable[int]) -> None:
         """Record a round's delta; ``clients`` sent updates, so they had applied every earlier one."""
         for client in clients:
             self.synced[client] = len(self.deltas)

@@ -18,6 +18,7 @@ from opacus.accountants.utils import get_noise_multiplier
 
 from fedtune.config import RunConfig
 from fedtune.errors import FedtuneError
+from fedtune.clients import client_name
 
 Step = tuple[float, float, int]  # (noise multiplier, sample rate, steps)
 
@@ -47,14 +48,14 @@ class Budget:
     """The privacy ledger of one run: each client's history, and the round that
     would overspend it. The server keeps one; a DP-SGD client keeps its own."""
 
-    def __init__(self, config: RunConfig, partition_sizes: dict[str, int]) -> None:
+    def __init__(self, config: RunConfig, partition_sizes: dict[int, int]) -> None:
         self.config, self.sizes = config, partition_sizes
-        self.history: dict[str, list[Step]] = {c: [] for c in partition_sizes}
+        self.history: dict[int, list[Step]] = {c: [] for c in partition_sizes}
         rates = {c: self.sample_rate(c) for c in partition_sizes}
         by_rate = {q: self.noise_multiplier(q) for q in set(rates.values())}  # one calibration per rate
         self.noise = {c: by_rate[q] for c, q in rates.items()}
 
-    def sample_rate(self, client: str) -> float:
+    def sample_rate(self, client: int) -> float:
         c = self.config
         if c.privacy.mode == "client":
             return (c.federation.clients_per_round or c.partition.num_clients) / c.partition.num_clients
@@ -80,26 +81,26 @@ class Budget:
                 f"privacy.epsilon={p.epsilon} cannot be met over {steps} steps at delta={p.delta} by any noise level"
             ) from None
 
-    def step(self, client: str) -> Step:
+    def step(self, client: int) -> Step:
         """What one round adds to ``client``'s history."""
         return (self.noise[client], self.sample_rate(client), self.steps_per_round())
 
-    def charged(self, sampled: list[str]) -> list[str]:
+    def charged(self, sampled: list[int]) -> list[int]:
         """Whose budget a round spends: every client's under client-level DP (the
         sampling is part of the guarantee), the sampled ones' under DP-SGD."""
         return list(self.history) if self.config.privacy.mode == "client" else sampled
 
-    def epsilon(self, client: str, extra: list[Step] = ()) -> float:
+    def epsilon(self, client: int, extra: list[Step] = ()) -> float:
         p = self.config.privacy
         return epsilon(self.history[client] + list(extra), p.delta, p.accountant)
 
-    def overspending(self, sampled: list[str]) -> str | None:
+    def overspending(self, sampled: list[int]) -> str | None:
         """Why running a round with ``sampled`` would exceed the budget, or None."""
         for client in self.charged(sampled):
             after = self.epsilon(client, [self.step(client)])
             if after > self.config.privacy.epsilon:
                 return (
-                    f"{client} would reach epsilon {after:.3f} > privacy.epsilon={self.config.privacy.epsilon} "
+                    f"{client_name(client)} would reach epsilon {after:.3f} > privacy.epsilon={self.config.privacy.epsilon} "
                     f"(delta={self.config.privacy.delta})"
                 )
         return None
@@ -112,7 +113,7 @@ class Budget:
                 "raise privacy.noise_multiplier (or set it to 0 to calibrate) or privacy.epsilon"
             )
 
-    def spend(self, sampled: list[str]) -> None:
+    def spend(self, sampled: list[int]) -> None:
         for client in self.charged(sampled):
             add(self.history[client], self.step(client))
 

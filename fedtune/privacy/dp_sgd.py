@@ -8,7 +8,6 @@ batch_size / n), which is what the accountant's subsampling analysis assumes.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,12 +15,6 @@ import torch
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 from torch import nn
-
-
-# Opacus' hooks on layers whose input needs no gradient (the first adapters, fed
-# by frozen embeddings) make torch warn; the hooks use the saved input and the
-# output's gradient, both there (tests/test_privacy.py checks the steps).
-warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect to module outputs")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,65 @@
+"""What a person reads: one line per round, wherever a run is watched (`fedtune run`,
+`deploy submit`, `compare`), and the summary table at the end."""
+
+from __future__ import annotations
+
+from tqdm import tqdm
+
+from fedtune.report.rows import RoundRow, RunSummary
+
+
+def format_round(row: RoundRow, zero_shot: float | None = None, majority: float | None = None) -> str:
+    """One round: accuracy against the baselines known, loss, bytes, privacy spent."""
+    head = "zero-shot" if row.round == 0 else f"round {row.round}"
+    baselines = [f"zero-shot {zero_shot:.3f}"] if zero_shot is not None and row.round else []
+    baselines += [f"majority class {majority:.3f}"] if majority is not None else []
+    reference = f" ({', '.join(baselines)})" if baselines else ""
+    privacy = f"  epsilon {row.epsilon:.2f}" if row.epsilon is not None else ""
+    return (f"{head:>9}: accuracy {row.accuracy:.3f}{reference}  loss {row.loss:.3f}  "
+            f"down {human_bytes(row.bytes_down)}  up {human_bytes(row.bytes_up)}{privacy}")
+
+
+def print_round(row: RoundRow, zero_shot: float | None = None, majority: float | None = None) -> None:
+    tqdm.write(format_round(row, zero_shot, majority))  # above a progress bar, if one is shown
+
+
+def summary_table(s: RunSummary) -> str:
+    rows = [
+        ("final accuracy", f"{s.final_accuracy:.3f}"),
+        ("best accuracy", f"{s.best_accuracy:.3f}"),
+        ("zero-shot accuracy", f"{s.zero_shot_accuracy:.3f}"),
+        ("majority-class accuracy", f"{s.majority_accuracy:.3f}"),
+    ]
+    if s.centralized_accuracy is not None:
+        rows.append(("centralized baseline", f"{s.centralized_accuracy:.3f}"))
+    if s.privacy is not None:
+        rows.append((f"{s.privacy}-level DP", f"epsilon {s.epsilon:.2f}, delta {s.delta:g}"))
+    if s.stopped is not None:
+        rows.append(("stopped", s.stopped))
+    if s.sim_time_s is not None:
+        by_device = ", ".join(f"{d} {n}" for d, n in s.client_rounds_by_device.items())
+        rows.append(("simulated time", f"{s.sim_time_s:.1f} s ({s.failed} failed, {s.stragglers} stragglers)"))
+        rows.append(("client rounds by device", by_device))
+    if s.target_accuracy is not None:
+        reached = s.rounds_to_target
+        text = "not reached" if reached is None else f"round {reached}, {human_bytes(s.bytes_to_target)}"
+        if reached is not None and s.sim_time_to_target_s is not None:
+            text += f", {s.sim_time_to_target_s:.1f} s simulated"
+        rows.append((f"accuracy {s.target_accuracy:.2f}", text))
+    rows += [
+        ("bytes down / up", f"{human_bytes(s.total_bytes_down)} / {human_bytes(s.total_bytes_up)}"),
+        ("per client-round down / up", f"{human_bytes(s.bytes_per_client_round_down)} / "
+         f"{human_bytes(s.bytes_per_client_round_up)}"),
+        ("client rounds", str(s.client_rounds)),
+        ("wall time", f"{s.wall_time_s:.0f} s"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")

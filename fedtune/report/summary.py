@@ -1,0 +1,63 @@
+"""The RunSummary of a run, from its rows, its ledger and its config."""
+
+from __future__ import annotations
+
+from fedtune.config import RunConfig
+from fedtune.ledger import Ledger
+from fedtune.report.rows import RoundRow, RunSummary
+
+
+def summarize(config: RunConfig, rows: list[RoundRow], ledger: Ledger, majority: float, wall: float,
+              stopped: str | None = None, privacy: dict[str, object] | None = None) -> RunSummary:
+    """``rows`` start with round 0 (the zero-shot model); ``privacy``: the privacy
+    policy's summary fields (mode, epsilon spent, delta), if the run has DP."""
+    client_rounds = ledger.client_rounds()
+    return RunSummary(
+        method=config.federation.method,
+        model=config.model.name,
+        rounds=rows[-1].round,
+        final_accuracy=rows[-1].accuracy,
+        best_accuracy=max(r.accuracy for r in rows[1:]),
+        final_loss=rows[-1].loss,
+        majority_accuracy=majority,
+        zero_shot_accuracy=rows[0].accuracy,
+        total_bytes_down=ledger.total("down"),
+        total_bytes_up=ledger.total("up"),
+        bytes_per_client_round_down=ledger.total("down") // max(client_rounds, 1),
+        bytes_per_client_round_up=ledger.total("up") // max(client_rounds, 1),
+        message_bytes_down=ledger.total("down", field="message_bytes"),
+        message_bytes_up=ledger.total("up", field="message_bytes"),
+        client_rounds=client_rounds,
+        wall_time_s=round(wall, 1),
+        stopped=stopped,
+        **(privacy or {}), **_hardware(rows), **_target(config, rows),
+    )
+
+
+def _hardware(rows: list[RoundRow]) -> dict:
+    if rows[-1].hardware is None:
+        return {}
+    played = [r.hardware for r in rows if r.hardware is not None]
+    devices = sorted({d for h in played for d in h.took_part})
+    return {
+        "sim_time_s": rows[-1].hardware.sim_time_s,
+        "client_rounds_by_device": {d: sum(h.took_part.get(d, 0) for h in played) for d in devices},
+        "failed": sum(h.failed for h in played),
+        "stragglers": sum(h.stragglers for h in played),
+    }
+
+
+def _target(config: RunConfig, rows: list[RoundRow]) -> dict:
+    """The first round at the target accuracy, with the bytes and simulated time spent by then."""
+    target = config.run.target_accuracy
+    if not target:
+        return {}
+    hit = next((r for r in rows[1:] if r.accuracy >= target), None)
+    if hit is None:
+        return {"target_accuracy": target}
+    return {
+        "target_accuracy": target,
+        "rounds_to_target": hit.round,
+        "bytes_to_target": hit.cum_bytes_down + hit.cum_bytes_up,
+        "sim_time_to_target_s": hit.hardware.sim_time_s if hit.hardware else None,
+    }
