@@ -25,8 +25,8 @@ COPY simulations simulations
 COPY clients clients
 
 RUN useradd --create-home --uid 1000 fedtune \
-    && mkdir -p /data /certs \
-    && chown fedtune:fedtune /data /certs
+    && mkdir -p /data \
+    && chown fedtune:fedtune /data
 USER fedtune
 # The embedded model, converted once into the user's model cache (model.cache_dir).
 RUN python -c "from fedtune.config import ModelSection; from fedtune.models import resolve_model_path; resolve_model_path(ModelSection())"

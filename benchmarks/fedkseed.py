@@ -16,11 +16,11 @@ import time
 
 import numpy as np
 import torch
+from one_client import in_fresh_process, initial_adapter, peak_rss_bytes
 
 from fedtune.config import load_config
 from fedtune.methods import ClientJob, get_method
 from fedtune.task import client_data, load_model, load_splits
-from one_client import in_fresh_process, initial_adapter, peak_rss_bytes
 
 
 def workload(config_path: str, mode: str, steps: int) -> dict:

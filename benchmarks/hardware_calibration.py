@@ -19,15 +19,20 @@ import statistics
 import time
 
 import torch
+from one_client import in_fresh_process, initial_adapter, peak_rss_bytes
 from transformers import AutoTokenizer
 
 from fedtune.config import load_config
-from fedtune.hardware.cost import FRAMEWORK_BYTES, ModelShape, compute_seconds, peak_memory
 from fedtune.hardware.catalogue import DeviceProfile
+from fedtune.hardware.cost import (
+    FRAMEWORK_BYTES,
+    ModelShape,
+    compute_seconds,
+    peak_memory,
+)
 from fedtune.methods import ClientJob, get_method
 from fedtune.models import resolve_model_path
 from fedtune.task import client_data, load_model
-from one_client import in_fresh_process, initial_adapter, peak_rss_bytes
 
 KINDS = {"lora": ("fedit", "adapter"), "zo": ("fedkseed", "zeroth_order")}
 

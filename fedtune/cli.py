@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -34,8 +35,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; finished rounds are in the run directory", file=sys.stderr)
-        return 130
+        print("interrupted; finished rounds are in the run directory", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        # At once: a normal exit joins every thread, and Flower's that waited on the
+        # ClientApp calls a Ctrl-C abandoned never return (fedtune/simulation.py).
+        os._exit(130)
 
 
 def _job_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,6 +47,8 @@ def _job_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config key; repeatable")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue a run after its last finished round")
+    parser.add_argument("--reuse-secret", metavar="RUN_DIR", type=Path,
+                        help="draw the sample and the DP noise from RUN_DIR's secret: repeat that run exactly")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -67,13 +73,15 @@ def _prepare(args: argparse.Namespace) -> tuple[RunConfig, Path]:
     from fedtune import checkpoint
     from fedtune.config import load_config
     from fedtune.methods.registry import get_method
+    from fedtune.privacy import secrets
     from fedtune.privacy.factory import server_privacy
     from fedtune.report.run_dir import create_run_dir
     from fedtune.task import client_partitions, load_model
 
     if args.resume:
-        if args.config or args.overrides:
-            raise FedtuneError("--resume runs with the run directory's own config.toml: drop CONFIG and --set")
+        if args.config or args.overrides or args.reuse_secret:
+            raise FedtuneError("--resume runs with the run directory's own config.toml and secret: drop CONFIG, --set "
+                               "and --reuse-secret")
         run_dir = Path(args.resume)
         checkpoint.require(run_dir)
         config = load_config(run_dir / "config.toml")
@@ -83,10 +91,12 @@ def _prepare(args: argparse.Namespace) -> tuple[RunConfig, Path]:
     # before Ray starts, and a GGUF model is converted once, not once per client.
     parts = client_partitions(config)
     get_method(config).check(load_model(config))
-    server_privacy(config, {i: len(p) for i, p in enumerate(parts)}).check_first_round()
+    server_privacy(config, {i: len(p) for i, p in enumerate(parts)}, config.run.seed).check_first_round()
 
     if not args.resume:
         run_dir = create_run_dir(config)
+        if args.reuse_secret:
+            secrets.reuse(args.reuse_secret, run_dir)
     print(f"run directory: {run_dir}", flush=True)
     return config, run_dir
 
@@ -99,10 +109,13 @@ def _deploy_parsers(sub: argparse._SubParsersAction) -> None:
     create.add_argument("--nodes", type=int, default=0, help="node key pairs node-0 ... node-(N-1)")
     create.add_argument("--san", action="append", default=[], help="a host name or address the SuperLink is reached by; repeatable")
     create.add_argument("--days", type=int, default=365, help="certificate lifetime")
+    create.add_argument("--export", type=Path, metavar="OUT",
+                        help="then copy each party's files (never ca.key) to OUT/superlink, OUT/public, OUT/nodes/NAME")
+    create.add_argument("--owner", metavar="USER", help="give the exported files to USER (when running as root)")
     node = certs.add_parser("node", help="a node key pair, made on the node's own machine")
     node.add_argument("key", type=Path, help="private key file; the public key is written beside it as KEY.pub")
     register = certs.add_parser("register", help="register node public keys with a running SuperLink")
-    register.add_argument("keys", type=Path, nargs="+", metavar="KEY.pub")
+    register.add_argument("keys", type=Path, nargs="+", metavar="KEY.pub", help="a public key, or a directory of them")
     deploy = sub.add_parser("deploy", help="run on Flower's deployment runtime: gRPC, TLS, authenticated nodes")
     deploy = deploy.add_subparsers(dest="action", required=True)
     local = deploy.add_parser("local", help="start a SuperLink and N SuperNodes as local processes, run, report")
@@ -114,11 +127,15 @@ def _deploy_parsers(sub: argparse._SubParsersAction) -> None:
     submit = deploy.add_parser("submit", help="run on a running SuperLink, e.g. docker compose's")
     _job_arguments(submit)
     superlink = deploy.add_parser("superlink", help="start the SuperLink (compose's superlink service)")
-    superlink.add_argument("--certs", type=Path, required=True, help="directory of `fedtune certs create`")
+    superlink.add_argument("--certs", type=Path, required=True,
+                           help="directory with ca.pem, server.pem, server.key (`fedtune certs create --export`: OUT/superlink)")
     superlink.add_argument("--state", type=Path, required=True, help="its database and FLWR_HOME")
-    superlink.add_argument("--host", default="0.0.0.0")
-    superlink.add_argument("--port", type=int, default=9093, help="Control and Runtime APIs (HTTPS)")
-    superlink.add_argument("--fleet-port", type=int, default=9092, help="Fleet API (gRPC) for SuperNodes")
+    superlink.add_argument("--control-address", default="127.0.0.1:9093", metavar="HOST:PORT",
+                           help="Control API (flwr, register, submit) and Runtime API (flower-superexec): one HTTPS "
+                                "listener in Flower 1.39, without authentication, so loopback unless HOST is on a "
+                                "private network (default %(default)s)")
+    superlink.add_argument("--fleet-address", default="0.0.0.0:9092", metavar="HOST:PORT",
+                           help="Fleet API (gRPC, TLS, node authentication) for SuperNodes (default %(default)s)")
     superlink.add_argument("--separate-serverapp", action="store_true",
                            help="a `flower-superexec` elsewhere runs the ServerApp (--isolation process)")
     edge = deploy.add_parser("node", help="start one edge client: a SuperNode and its ClientApp worker")

@@ -17,7 +17,12 @@ from typing import Any
 from fedtune.codecs.spec import parse_chain
 from fedtune.errors import FedtuneError, require
 from fedtune.hardware.catalogue import load_catalogue
-from fedtune.methods.options import DEFAULT_METHOD, FedKSeedSection, FedSBSection, FLoRASection
+from fedtune.methods.options import (
+    DEFAULT_METHOD,
+    FedKSeedSection,
+    FedSBSection,
+    FLoRASection,
+)
 
 
 @dataclass(frozen=True)
@@ -76,8 +81,14 @@ class FederationSection:
     min_replies: int = 1
     round_retries: int = 1
     # Reject an update whose L2 norm (its change against what the client was sent;
-    # FedKSeed: its scalars) exceeds this; 0: no bound.
+    # FedKSeed: its per-seed sums) exceeds this; 0: no bound.
     max_update_norm: float = 0.0
+    # ... or exceeds this multiple of the round's (lower) median update norm; 0: off.
+    norm_multiple: float = 10.0
+    # How updates combine: "mean" (weighted by examples), or the Byzantine-robust
+    # coordinate-wise "median" or "trimmed_mean" (trim_fraction of clients cut at each end).
+    aggregator: str = "mean"
+    trim_fraction: float = 0.25
 
 
 @dataclass(frozen=True)
@@ -89,11 +100,18 @@ class TrainSection:
     lr: float = 5e-4
     weight_decay: float = 0.0
     eval_batch_size: int = 32
+    # Most examples in one forward/backward pass (memory); a larger batch is taken in such
+    # chunks whose gradients add up to one step (DP-SGD: one clipped, noised step). 0: batch_size.
+    physical_batch_size: int = 0
+
+    @property
+    def physical_batch(self) -> int:
+        return self.physical_batch_size or self.batch_size
 
 
 @dataclass(frozen=True)
 class LoraSection:
-    rank: int = 8
+    rank: int = 8  # at most the smaller side of every adapted layer (methods/adapters.py: check_ranks)
     alpha: float = 16.0
     dropout: float = 0.0
     # Empty: PEFT's default for the architecture (query and value projections).
@@ -171,6 +189,7 @@ class RunConfig:
 
 PARTITION_SCHEMES = ("iid", "dirichlet", "quantity")
 PRIVACY_MODES = ("none", "client", "sample")
+RULES = ("mean", "median", "trimmed_mean")  # federation.aggregator (fedtune/rounds/release.py)
 OPTIMIZERS = ("adamw", "sgd")
 
 
@@ -251,11 +270,20 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     section, dot, name = key.strip().partition(".")
     if not sep or not dot or not name:
         raise FedtuneError(f"--set expects section.key=value, got {item!r}")
+    text = text.strip()
     try:  # a TOML literal (number, bool, list, quoted string); bare words are strings
-        value = tomllib.loads(f"v = {text.strip()}")["v"]
+        value = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
-        value = text.strip()
+        value = text
+    if _declared_type(section, name) is str and not isinstance(value, str):
+        value = text  # run.name=nan, =123, =true: a name, not a number or a bool
     raw.setdefault(section, {})[name] = value
+
+
+def _declared_type(section: str, key: str) -> Any:
+    """The type ``section.key`` is declared with; None for an unknown key (refused later)."""
+    cls = typing.get_type_hints(RunConfig).get(section)
+    return typing.get_type_hints(cls).get(key) if cls else None
 
 
 def validate(c: RunConfig) -> None:
@@ -296,11 +324,15 @@ def validate(c: RunConfig) -> None:
     )
     require(c.federation.round_retries >= 0, "federation.round_retries", ">= 0", c.federation.round_retries)
     require(c.federation.max_update_norm >= 0, "federation.max_update_norm", ">= 0 (0 = no bound)", c.federation.max_update_norm)
+    require(c.federation.norm_multiple >= 0, "federation.norm_multiple", ">= 0 (0 = off)", c.federation.norm_multiple)
+    require(c.federation.aggregator in RULES, "federation.aggregator", f"one of {', '.join(RULES)}", c.federation.aggregator)
+    require(0 <= c.federation.trim_fraction < 0.5, "federation.trim_fraction", "in [0, 0.5)", c.federation.trim_fraction)
     require(c.train.local_steps >= 1, "train.local_steps", ">= 1", c.train.local_steps)
     require(c.train.batch_size >= 1, "train.batch_size", ">= 1", c.train.batch_size)
     require(c.train.optimizer in OPTIMIZERS, "train.optimizer", f"one of {OPTIMIZERS}", c.train.optimizer)
     require(c.train.lr > 0, "train.lr", "> 0", c.train.lr)
     require(c.train.weight_decay >= 0, "train.weight_decay", ">= 0", c.train.weight_decay)
+    require(c.train.physical_batch_size >= 0, "train.physical_batch_size", ">= 0 (0 = batch_size)", c.train.physical_batch_size)
     require(c.train.eval_batch_size >= 1, "train.eval_batch_size", ">= 1", c.train.eval_batch_size)
     require(c.lora.rank >= 1, "lora.rank", ">= 1", c.lora.rank)
     require(c.lora.alpha > 0, "lora.alpha", "> 0", c.lora.alpha)
@@ -318,6 +350,19 @@ def validate(c: RunConfig) -> None:
     require(p.noise_multiplier >= 0, "privacy.noise_multiplier", ">= 0 (0 = calibrate to the budget)", p.noise_multiplier)
     require(p.noise_on in ("server", "clients"), "privacy.noise_on", "'server' or 'clients'", p.noise_on)
     require(p.accountant in ("rdp", "prv"), "privacy.accountant", "'rdp' or 'prv'", p.accountant)
+    require(
+        not (p.mode == "client" and p.noise_on == "clients") or c.federation.clients_per_round in (0, c.partition.num_clients),
+        "federation.clients_per_round",
+        "0 (every client, every round) under privacy.noise_on 'clients': shares of the noise must add up to the "
+        "whole whoever is sampled",
+        c.federation.clients_per_round,
+    )
+    require(
+        p.mode != "client" or c.federation.aggregator == "mean",
+        "federation.aggregator",
+        "'mean' under privacy.mode 'client' (the noise is calibrated to a sum of clipped updates)",
+        c.federation.aggregator,
+    )
     require(
         not (p.mode == "client" and p.noise_on == "server" and up.lossy),
         "compression.up",

@@ -58,6 +58,6 @@ class Ledger:
             if t.direction == direction and (round is None or t.round == round)
         )
 
-    def client_rounds(self) -> int:
-        """Number of (round, client) pairs that completed an upload."""
-        return sum(1 for t in self.transfers if t.direction == "up")
+    def count(self, direction: str) -> int:
+        """Messages sent in ``direction``: "up" counts the (round, client) pairs whose uplink arrived."""
+        return sum(1 for t in self.transfers if t.direction == direction)

@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fedtune.config import RunConfig
 from fedtune.environment import configure_process
+from fedtune.privacy import secrets
 
 if TYPE_CHECKING:
+    from flwr.app import Context
     from flwr.clientapp import ClientApp
+    from flwr.serverapp import Grid, ServerApp
 
     from fedtune.report.rows import RunSummary
 
@@ -43,6 +50,7 @@ def run_simulation(
     from fedtune.app.server import make_server_app
 
     configure_process()  # before Ray starts: its workers inherit the environment
+    secrets.share_with_clients(run_dir, config)
     quiet_flower(verbose)
     cores = os.cpu_count() or 1
     per_client = config.simulation.cpus_per_client
@@ -53,15 +61,84 @@ def run_simulation(
         "init_args": {"num_cpus": parallel * per_client, "include_dashboard": False, "log_to_driver": verbose},
     }
     outcome: dict = {}
-    flower_run_simulation(
-        server_app=make_server_app(config, run_dir, outcome, resume),
-        client_app=client_app or client.app,
-        num_supernodes=config.partition.num_clients,
-        backend_config=backend_config,
-        verbose_logging=verbose,
-    )
+    stop, stopped = threading.Event(), threading.Event()
+    with _interruptible(stop, stopped):
+        flower_run_simulation(
+            server_app=_stoppable(make_server_app(config, run_dir, outcome, resume), stop, stopped),
+            client_app=client_app or client.app,
+            num_supernodes=config.partition.num_clients,
+            backend_config=backend_config,
+            verbose_logging=verbose,
+        )
     if "error" in outcome:
         raise outcome["error"]
     if "summary" not in outcome:
         raise RuntimeError("the simulation ended without a result; rerun with --verbose to see Flower's log")
     return outcome["summary"]
+
+
+# Ctrl-C. A KeyboardInterrupt raised in the main thread lands in Flower's
+# simulation loop, which shuts Ray down and returns, but leaves the ServerApp
+# thread polling the grid until federation.timeout_s (an hour by default), and
+# the interpreter waits for it at exit. So the first Ctrl-C only sets ``stop``:
+# the ServerApp's next use of the grid raises, and it ends after its last
+# finished round with its files complete. Only then does the main thread get
+# the KeyboardInterrupt, which takes it out of Flower's wait for the ClientApp
+# calls in flight: Ray's workers block SIGINT, Flower cannot cancel them, and
+# one client's local training can take minutes. Flower's threads that wait on
+# those calls never return once Ray is shut down, so the CLI exits with os._exit.
+
+
+@contextmanager
+def _interruptible(stop: threading.Event, stopped: threading.Event) -> Iterator[None]:
+    """Within it, Ctrl-C sets ``stop``, and once ``stopped`` is set raises
+    KeyboardInterrupt (unless the caller handles or ignores SIGINT itself)."""
+    if threading.current_thread() is not threading.main_thread() or (
+        signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield
+        return
+
+    def handle(signum: int, frame: object) -> None:
+        if stopped.is_set():
+            logging.getLogger("flwr").setLevel(logging.CRITICAL)  # the abandoned calls are no errors
+            raise KeyboardInterrupt
+        stop.set()
+
+    previous = signal.signal(signal.SIGINT, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _stoppable(app: ServerApp, stop: threading.Event, stopped: threading.Event) -> ServerApp:
+    """``app``, but once ``stop`` is set its next use of the grid raises
+    KeyboardInterrupt; when it has ended so, it interrupts the main thread."""
+    from flwr.serverapp import ServerApp
+
+    wrapper = ServerApp()
+
+    @wrapper.main()
+    def _main(grid: Grid, context: Context) -> None:
+        try:
+            app(_StoppableGrid(grid, stop), context)
+        finally:
+            if stop.is_set():
+                stopped.set()
+                # A signal, not _thread.interrupt_main(): only a signal wakes the main thread's wait.
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    return wrapper
+
+
+class _StoppableGrid:
+    """Flower's grid, until ``stop`` is set."""
+
+    def __init__(self, grid: Grid, stop: threading.Event) -> None:
+        self._grid, self._stop = grid, stop
+
+    def __getattr__(self, name: str) -> Any:
+        if self._stop.is_set():
+            raise KeyboardInterrupt
+        return getattr(self._grid, name)

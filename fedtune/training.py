@@ -55,8 +55,10 @@ def train_steps(
     progress: bool = False,
     dp: DPSGD | None = None,
 ) -> TrainStats:
-    """Run ``steps`` steps of ``train.optimizer`` on the trainable parameters. With
-    ``dp``, they are DP-SGD steps on Poisson-sampled batches.
+    """Run ``steps`` steps of ``train.optimizer`` on the trainable parameters, each
+    on a batch of ``train.batch_size`` taken in chunks of at most
+    ``train.physical_batch``. With ``dp``, they are DP-SGD steps on Poisson-sampled
+    batches.
 
     The optimizer is fresh every call: local optimizer state does not survive a
     round, as in FedAvg-style methods."""
@@ -65,25 +67,55 @@ def train_steps(
     optimizer = OPTIMIZER_CLASSES[train.optimizer](params, lr=train.lr, weight_decay=train.weight_decay)
     forward, batches = model, batch_order(len(data), steps, train.batch_size, seed)
     if dp is not None:
-        forward, optimizer = make_private(model, optimizer, dp, train.batch_size, seed)
-        batches = poisson_batches(len(data), steps, train.batch_size, seed)
+        forward, optimizer = make_private(model, optimizer, dp, train.batch_size)
+        batches = poisson_batches(len(data), steps, train.batch_size, dp.seed)
     model.train()
     losses, tokens, sequences = [], 0, 0
     for idx in tqdm(batches, desc="steps", leave=False, disable=not progress):
         if not len(idx):  # an empty Poisson sample: nothing to learn, nothing released
             continue
-        batch = classifier.encode([data.texts[i] for i in idx])
-        tokens, sequences = tokens + batch["input_ids"].numel(), sequences + len(idx)
-        logits = forward(**batch).logits
-        loss = F.cross_entropy(logits, torch.as_tensor(data.labels[idx]))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+        loss, batch_tokens = _step(forward, optimizer, classifier, data, idx, train.physical_batch, private=dp is not None)
+        losses.append(loss)
+        tokens, sequences = tokens + batch_tokens, sequences + len(idx)
     if dp is not None:
         forward.remove_hooks()
     model.eval()
     return TrainStats(float(np.mean(losses)) if losses else float("nan"), len(losses), tokens, sequences)
+
+
+def _step(
+    forward: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    classifier: Classifier,
+    data: TextDataset,
+    idx: np.ndarray,
+    physical: int,
+    private: bool,
+) -> tuple[float, int]:
+    """One optimizer step on the batch ``idx``, its gradient gathered over chunks of at
+    most ``physical`` examples; returns the batch's mean loss and its token positions."""
+    chunks = np.array_split(idx, -(-len(idx) // physical))
+    loss_sum, tokens = 0.0, 0
+    optimizer.zero_grad(set_to_none=True)
+    for i, chunk in enumerate(chunks):
+        more = i < len(chunks) - 1
+        batch = classifier.encode([data.texts[j] for j in chunk])
+        loss = F.cross_entropy(forward(**batch).logits, torch.as_tensor(data.labels[chunk]))
+        loss_sum, tokens = loss_sum + loss.item() * len(chunk), tokens + batch["input_ids"].numel()
+        if private:
+            # Opacus' logical batches, as its BatchMemoryManager drives them: a step
+            # signalled as skipped only clips this chunk's per-example gradients into
+            # the batch's sum, which zero_grad then keeps; the last step adds the noise
+            # to that sum, once, and updates.
+            optimizer.signal_skip_step(do_skip=more)
+        else:
+            loss = loss * (len(chunk) / len(idx))  # the chunks' gradients add up to the batch mean's
+        loss.backward()
+        if private and more:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    optimizer.step()
+    return loss_sum / len(idx), tokens
 
 
 @torch.no_grad()

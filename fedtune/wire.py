@@ -22,6 +22,7 @@ from fedtune.proto import fedtune_pb2 as pb
 
 MAX_DECOMPRESSED = 2**31  # bytes: a larger inflated payload is refused, not allocated
 MAX_PAYLOAD = 2**31 - 2**20  # bytes: protobuf and Flower's gRPC channels stop at 2 GiB
+UNKNOWN_SIZE = 2**64 - 1  # a zstd frame header's content size when the frame does not declare it
 
 
 class PayloadTooLarge(FedtuneError):
@@ -80,48 +81,71 @@ def _check_size(size: int, payload: Payload) -> None:
 
 
 def decode(data: bytes, keep_sparse: bool = False) -> Payload:
-    """The payload in ``data``; PayloadError if it is malformed. ``keep_sparse``: see
-    :func:`fedtune.codecs.tensor.decode_tensor`."""
-    msg = pb.Payload()
-    try:
-        msg.ParseFromString(data)
-    except DecodeError as exc:
-        raise PayloadError(f"not a fedtune payload: {exc}") from None
+    """The payload in ``data``; PayloadError if it is malformed. For what a client
+    sends, the server uses :mod:`fedtune.rounds.validation`, which bounds every size
+    by what it expects first. ``keep_sparse``: see :func:`fedtune.codecs.tensor.decode_tensor`."""
+    msg = parse(data)
     h = msg.header
     try:
         chain = parse_chain(list(h.codec), "header.codec")
     except FedtuneError as exc:
         raise PayloadError(str(exc)) from None
-    tensors_msg = msg.tensors
-    if msg.compressed:
-        if not chain.lossless or len(msg.tensors):
-            raise PayloadError("compressed tensors without a lossless codec in the header, or both forms")
-        inner = pb.Tensors()
-        try:
-            inner.ParseFromString(_decompress(chain.lossless, msg.compressed))
-        except DecodeError as exc:
-            raise PayloadError(f"compressed tensors do not parse: {exc}") from None
-        tensors_msg = inner.tensors
     tensors: TensorDict = {}
-    for t in tensors_msg:
+    for t in tensor_messages(msg, chain, MAX_DECOMPRESSED):
         if t.name in tensors:
             raise PayloadError(f"tensor {t.name!r} appears twice")
         tensors[t.name] = decode_tensor(t, keep_sparse=keep_sparse)
     return Payload(h.method, h.round, h.client, tensors, msg.num_examples, tuple(h.codec))
 
 
+def parse(data: bytes) -> pb.Payload:
+    msg = pb.Payload()
+    try:
+        msg.ParseFromString(data)
+    except DecodeError as exc:
+        raise PayloadError(f"not a fedtune payload: {exc}") from None
+    return msg
+
+
+def tensor_messages(msg: pb.Payload, chain: Chain, limit: int) -> list[pb.Tensor]:
+    """The payload's tensor messages, inflated first (at most ``limit`` bytes) if the
+    chain has a lossless stage."""
+    if not msg.compressed:
+        if chain.lossless and len(msg.tensors):
+            raise PayloadError(f"the header's chain compresses with {chain.lossless}, but the tensors are not")
+        return list(msg.tensors)
+    if not chain.lossless or len(msg.tensors):
+        raise PayloadError("compressed tensors without a lossless codec in the header, or both forms")
+    inner = pb.Tensors()
+    try:
+        inner.ParseFromString(inflate(chain.lossless, msg.compressed, limit))
+    except DecodeError as exc:
+        raise PayloadError(f"compressed tensors do not parse: {exc}") from None
+    return list(inner.tensors)
+
+
 def _compress(kind: str, raw: bytes) -> bytes:
     return zstandard.ZstdCompressor(level=3).compress(raw) if kind == "zstd" else zlib.compress(raw, 6)
 
 
-def _decompress(kind: str, data: bytes) -> bytes:
+def inflate(kind: str, data: bytes, limit: int) -> bytes:
+    """Decompress ``data``, allocating at most ``limit`` bytes (and a zstd window no
+    larger): a stream that inflates beyond is refused, not decompressed."""
     try:
         if kind == "zstd":
-            return zstandard.ZstdDecompressor().decompress(data, max_output_size=MAX_DECOMPRESSED)
-        inflater = zlib.decompressobj()
-        raw = inflater.decompress(data, MAX_DECOMPRESSED)
-        if inflater.unconsumed_tail:
-            raise PayloadError(f"deflate payload inflates beyond {MAX_DECOMPRESSED} bytes")
-        return raw
+            window = max(1 << 10, 1 << max(0, limit - 1).bit_length())
+            frame = zstandard.get_frame_parameters(data)
+            declared = frame.content_size if frame.content_size != UNKNOWN_SIZE else 0
+            if declared > limit or frame.window_size > window:
+                raise PayloadError(f"zstd payload inflates beyond {limit:,} bytes (its frame declares "
+                                   f"{declared:,} bytes and a {frame.window_size:,}-byte window)")
+            reader = zstandard.ZstdDecompressor(max_window_size=window).stream_reader(data, read_across_frames=True)
+            raw = reader.read(limit + 1)
+        else:
+            inflater = zlib.decompressobj()
+            raw = inflater.decompress(data, limit + 1)
     except (zstandard.ZstdError, zlib.error) as exc:
         raise PayloadError(f"{kind} payload does not decompress: {exc}") from None
+    if len(raw) > limit:
+        raise PayloadError(f"{kind} payload inflates beyond {limit:,} bytes")
+    return raw

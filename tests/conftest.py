@@ -1,16 +1,24 @@
-"""Shared fixtures: a fast real model (MiniLM) and small configs that use it."""
+"""Shared fixtures: a fast real model (MiniLM) and small configs that use it; the
+docker-compose services' file systems on this machine."""
 
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
+import torch
 
-from fedtune.config import RunConfig, from_dict
+from fedtune.config import RunConfig, TrainSection, from_dict
 from fedtune.environment import configure_process
 from fedtune.methods import get_method
+from fedtune.methods.adapters import trainable_state, wrap_with_lora
+from fedtune.privacy.dp_sgd import DPSGD
 from fedtune.rounds.release import by_examples
-from fedtune.task import load_model
+from fedtune.task import client_data, load_model
+from fedtune.training import train_steps
+from fedtune.wire import TensorDict
 
 configure_process()  # what every fedtune entry point does first
 
@@ -43,6 +51,26 @@ def small_overrides(tmp_path=None) -> list[str]:
 @pytest.fixture
 def config(tmp_path) -> RunConfig:
     return small_config(tmp_path)
+
+
+def train_lora(config: RunConfig, train: TrainSection, steps: int, dp: DPSGD | None = None) -> tuple[TensorDict, list[int]]:
+    """How ``steps`` of train_steps on client 0's data move the trainable tensors of a
+    fresh MiniLM with LoRA, and the size of every batch it forwarded. lora_B starts non-zero, so that every factor
+    has a gradient, and dropout is off, so that the chunking changes no function."""
+    classifier = load_model(config)
+    model = wrap_with_lora(classifier, config.lora, 0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad and "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(5)) * 0.1)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    sizes, encode = [], classifier.encode
+    classifier.encode = lambda texts: sizes.append(len(texts)) or encode(texts)
+    before = trainable_state(model)
+    train_steps(model, classifier, client_data(config, 0), steps, train, seed=0, dp=dp)
+    return {n: t - before[n] for n, t in trainable_state(model).items()}, sizes
 
 
 def _varint_len(n: int) -> int:
@@ -85,3 +113,51 @@ def assert_fedit_payload_sizes(config: RunConfig, ledger: list[dict]) -> None:
 def fedavg(method, updates) -> None:
     """The server half aggregates ``updates`` as plain FedAvg (no DP, no robust rule)."""
     method.server_aggregate(updates, by_examples(updates))
+
+
+def uplink_rejection(method, tensors, client=0, rnd=1, num_examples=None, chain_specs=(), **payload):
+    """Why the server refuses ``tensors`` as ``client``'s uplink in round ``rnd``
+    (encoded as a real payload and checked as the server checks it), or None."""
+    from fedtune import wire
+    from fedtune.clients import client_name
+    from fedtune.codecs.spec import parse_chain
+    from fedtune.rounds.validation import Expected, validate_payload
+
+    chain = parse_chain(list(chain_specs), "compression.up")
+    examples = 40 if num_examples is None else num_examples
+    header = {"method": method.name, "round": rnd, "client": client_name(client)} | payload
+    data = wire.encode(wire.Payload(header["method"], header["round"], header["client"], tensors, examples), chain)
+    _, rejection = validate_payload(data, Expected.of(method, chain, rnd, client, 40, method.config.train.local_steps))
+    return None if rejection is None else f"{rejection.stage}: {rejection.reason}"
+
+
+REPO = Path(__file__).resolve().parents[1]
+APP = "/app"  # the Dockerfile's WORKDIR, where it copies this repository's files
+
+
+def mounts(service: dict) -> list[tuple[str, str, bool]]:
+    """(volume, path in the container, read-only) for each of a compose service's volumes."""
+    return [(source, target, mode == ["ro"]) for source, target, *mode in (v.split(":") for v in service.get("volumes", []))]
+
+
+class ComposeFiles:
+    """docker-compose.yml's named volumes as directories ROOT/volumes/NAME, and each
+    service's file system as ROOT/rootfs/SERVICE, where each of its mounts is a
+    symlink to its volume and /app one to this repository: what a container sees."""
+
+    def __init__(self, compose: dict, root: Path) -> None:
+        self.volumes = {name: root / "volumes" / name for name in compose["volumes"]}
+        for path in self.volumes.values():
+            path.mkdir(parents=True)
+        self.rootfs = {name: root / "rootfs" / name for name in compose["services"]}
+        for name, service in compose["services"].items():
+            for target, source in [(APP, REPO), *((t, self.volumes[s]) for s, t, _ in mounts(service))]:
+                link = self.rootfs[name] / target.lstrip("/")
+                link.parent.mkdir(parents=True, exist_ok=True)
+                link.symlink_to(source, target_is_directory=True)
+
+    def local(self, service: str, text: str) -> str:
+        """TEXT (an argument, a variable) with SERVICE's container paths as paths here."""
+        rootfs = self.rootfs[service]
+        tops = "|".join(re.escape(path.name) for path in rootfs.iterdir())
+        return re.sub(rf"(?<![\w.-])/({tops})(?![\w-])", lambda m: f"{rootfs}/{m[1]}", text)

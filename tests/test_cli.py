@@ -4,8 +4,11 @@ import subprocess
 import sys
 
 import pytest
+from conftest import small_config
 
 from fedtune.cli import main
+from fedtune.methods import get_method
+from fedtune.task import load_model
 
 SMALL = ["--set", "model.name=minilm", "--set", "data.test_size=60", "--set", "data.train_size=120"]
 
@@ -37,6 +40,32 @@ def test_unknown_method(capsys):
 @pytest.mark.parametrize("rank", ["0", "-4"])
 def test_rank_not_positive(capsys, rank):
     _fails_cleanly(capsys, ["--set", f"lora.rank={rank}"], "lora.rank", ">= 1")
+
+
+# MiniLM's adapted layers (query, value) are 384 x 384: no LoRA update there has a higher rank.
+# (Fed-SB's own case: tests/test_fed_sb.py.)
+FLORA = ["--set", "federation.method=flora"]
+TOO_HIGH = [
+    ("lora.rank", ["--set", "lora.rank=4096"]),
+    ("flora.client_ranks", [*FLORA, "--set", "flora.client_ranks=[8, 4096, 8, 8]"]),
+    ("hardware.rank_choices", [*FLORA, "--set", "hardware.mix={phone = 1.0}", "--set", "hardware.plan_ranks=true",
+                               "--set", "hardware.rank_choices=[512, 8]"]),
+]
+
+
+@pytest.mark.parametrize(("key", "args"), TOO_HIGH, ids=[key for key, _ in TOO_HIGH])
+def test_rank_above_the_adapted_layers_is_refused_before_ray_starts(capsys, monkeypatch, key, args):
+    def start(*_, **__):
+        raise AssertionError("the simulation started")
+
+    monkeypatch.setattr("fedtune.simulation.run_simulation", start)
+    _fails_cleanly(capsys, args, f"config key {key} must be at most 384", "query (384 x 384)")
+
+
+@pytest.mark.parametrize("method", ["fedit", "flora"])
+def test_rank_up_to_the_adapted_layers_is_accepted(tmp_path, method):
+    config = small_config(tmp_path, federation={"method": method}, lora={"rank": 384})
+    get_method(config).check(load_model(config))
 
 
 def test_more_clients_than_examples(capsys):

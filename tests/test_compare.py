@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import SMALL
 
 from fedtune.cli import main
 from fedtune.compare.grid import Cell, load_comparison
@@ -21,8 +22,6 @@ from fedtune.compare.runner import CellResult
 from fedtune.compare.table import pareto_front
 from fedtune.errors import FedtuneError
 from fedtune.report.rows import RoundRow, RunSummary, to_json
-
-from conftest import SMALL
 
 ROOT = Path(__file__).resolve().parents[1]
 

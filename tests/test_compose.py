@@ -1,9 +1,11 @@
 """docker-compose.yml and the Dockerfile, offline (no Docker engine here): the
 compose file against the Compose Specification's JSON schema (tests/data), its
-topology, and every command it runs parsed by the program that will run it."""
+topology, who can read which secret and reach which API, and every command it
+runs parsed by the program that will run it."""
 
 import json
 import os
+import pwd
 import re
 import shutil
 import subprocess
@@ -15,10 +17,12 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
+from conftest import ComposeFiles, mounts
 
 from fedtune.cli import main
-from fedtune.deploy import commands
+from fedtune.deploy import certs, commands
 from fedtune.deploy.flwr_cli import BIN
+from fedtune.deploy.probe import split_address
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = json.loads((ROOT / "tests" / "data" / "compose-spec.json").read_text())
@@ -47,12 +51,12 @@ def _supernodes(compose):
 
 def test_topology(compose):
     services, declared = compose["services"], set(compose["volumes"])
+    written = {source for source, _, _ in mounts(services["certs"])}  # certificates and keys
     for name, service in services.items():
-        for volume in service.get("volumes", []):
-            source, target, *mode = volume.split(":")
-            assert source in declared, (name, volume)
-            if target == "/certs":  # only the service that makes them may write certificates and keys
-                assert mode == (["ro"] if name != "certs" else []), (name, volume)
+        for source, target, read_only in mounts(service):
+            assert source in declared, (name, source)
+            if source in written:  # only the service that makes them may write them
+                assert read_only == (name != "certs"), (name, source)
         assert service["restart"] in ("no", "on-failure", "unless-stopped"), name
         assert set(service.get("depends_on", {})) <= set(services), name
         if service["restart"] == "unless-stopped":  # long-running: checked while it runs
@@ -60,18 +64,84 @@ def test_topology(compose):
     nodes = _supernodes(compose)
     ids = sorted(int(s["environment"]["PARTITION_ID"]) for s in nodes.values())
     assert ids == list(range(len(nodes))) and len(nodes) >= 2
-    assert all(s["environment"]["KEY"] == f"/certs/nodes/node-{s['environment']['PARTITION_ID']}" for s in nodes.values())
+    assert all(s["environment"]["KEY"] == f"/certs/node-{s['environment']['PARTITION_ID']}" for s in nodes.values())
     assert len({tuple(s["volumes"]) for s in nodes.values()}) == len(nodes)  # each its own state volume
-    certs_command = services["certs"]["command"]
-    assert certs_command[certs_command.index("--nodes") + 1] == str(len(nodes))
     # The submitted config federates exactly these nodes.
     config = services["submit"]["command"][0].replace("/app/", f"{ROOT}/")
     assert tomllib.loads(Path(config).read_text())["partition"]["num_clients"] == len(nodes)
     # The run directory `submit` prepares is where the ServerApp reads and writes it: one volume, one path.
     assert "results:/data" in services["submit"]["volumes"] and "results:/data" in services["serverapp"]["volumes"]
     assert services["submit"]["working_dir"] == "/data"
-    ports = services["superlink"]["ports"]
-    assert "9092:9092" in ports and "127.0.0.1:9093:9093" in ports  # the unauthenticated Control API stays local
+
+
+def _after_certs(compose, tmp_path):
+    """Every volume as the `certs` service leaves it (run here, in this process): ComposeFiles."""
+    files = ComposeFiles(compose, tmp_path)
+    argv = [files.local("certs", arg) for arg in compose["services"]["certs"]["command"]]
+    argv[argv.index("--owner") + 1] = pwd.getpwuid(os.geteuid()).pw_name  # not the image's user: this one
+    assert main(argv[1:]) == 0
+    return files
+
+
+def _readable(files, service):
+    """The contents of every file SERVICE can read in its volumes."""
+    return {path.read_bytes() for source, _, _ in mounts(service) for path in files.volumes[source].rglob("*") if path.is_file()}
+
+
+def _private_keys(directory):
+    """{path: content} of each private key under DIRECTORY."""
+    return {p: p.read_bytes() for p in directory.rglob("*") if p.is_file() and b"PRIVATE KEY" in p.read_bytes()}
+
+
+def _arg(argv, flag):
+    return argv[argv.index(flag) + 1]
+
+
+def test_each_service_can_read_its_own_secrets_and_no_other(compose, tmp_path):
+    """ca.key only in the signer's volume, server.key also with the SuperLink, node-I's
+    key also with supernode-I, no private key with anyone else: a shared certificate
+    volume fails this. Keys are told apart by content, wherever they were copied."""
+    files, services, nodes = _after_certs(compose, tmp_path), compose["services"], _supernodes(compose)
+    command = services["certs"]["command"]
+    signer = Path(files.local("certs", _arg(command, "create")))
+    keys = {p.relative_to(signer).as_posix(): data for p, data in _private_keys(signer).items()}
+    assert set(keys) == {"ca.key", "server.key", *(f"nodes/node-{i}" for i in range(len(nodes)))}
+    readable = {name: _readable(files, service) for name, service in services.items()}
+    holders = {key: {name for name, contents in readable.items() if data in contents} for key, data in keys.items()}
+    assert holders == {"ca.key": {"certs"}, "server.key": {"certs", "superlink"},
+                       **{f"nodes/node-{s['environment']['PARTITION_ID']}": {"certs", name} for name, s in nodes.items()}}
+    copies = {p: data for volume in files.volumes.values() for p, data in _private_keys(volume).items()}
+    assert set(copies.values()) <= set(keys.values())  # no other private key anywhere
+    assert {oct(p.stat().st_mode & 0o777) for p in copies} == {"0o600"}
+
+    # Each service finds its files where its command points.
+    certs.check_server(Path(files.local("superlink", _arg(services["superlink"]["command"], "--certs"))))
+    for name, service in nodes.items():
+        certs.check_node_key(Path(files.local(name, service["environment"]["KEY"])))
+        certs.check_ca(Path(files.local(name, service["environment"]["CA"])))
+    certs.check_ca(Path(files.local("serverapp", _arg(services["serverapp"]["command"], "--root-certificates"))))
+    certs.check_ca(Path(files.local("submit", _arg(services["submit"]["entrypoint"], "--ca"))))
+    certs.check_ca(Path(files.local("register", _arg(services["register"]["entrypoint"], "--ca"))))
+    (key_dir,) = services["register"]["command"]
+    assert sorted(p.name for p in Path(files.local("register", key_dir)).glob("*.pub")) == [f"node-{i}.pub" for i in range(len(nodes))]
+
+
+def test_the_unauthenticated_apis_are_on_the_internal_network_alone(compose, parse):
+    """The SuperLink's Control and Runtime APIs (one listener in Flower 1.39) bind the
+    name it has on the internal network `control`, which holds no edge client and
+    is not published; the Fleet API, authenticated, is published."""
+    services, networks = compose["services"], compose["networks"]
+    superlink = parse(services["superlink"]["command"])
+    host, port = split_address(superlink.control_address)
+    assert superlink.fleet_address == "0.0.0.0:9092" and services["superlink"]["ports"] == ["9092:9092"]
+    (network,) = [n for n, spec in services["superlink"]["networks"].items() if host in (spec or {}).get("aliases", [])]
+    assert networks[network]["internal"] is True
+    assert {name for name, s in services.items() if network in s.get("networks", [])} == {"superlink", "register", "serverapp", "submit"}
+    assert services["certs"]["network_mode"] == "none"  # the signer talks to no one
+    # Whoever calls those APIs dials that name, which the server certificate names.
+    assert parse(_argv(services["register"])).superlink == parse(_argv(services["submit"])).superlink == f"{host}:{port}"
+    assert _arg(services["serverapp"]["command"], "--runtime-api-address") == f"{host}:{port}"
+    assert {"superlink", host} <= set(parse(services["certs"]["command"]).san)
 
 
 class Parsed(Exception):
@@ -103,14 +173,15 @@ def _argv(service):
 
 def test_every_fedtune_command_parses(compose, parse, tmp_path):
     services = compose["services"]
-    assert parse(services["certs"]["command"]).nodes == len(_supernodes(compose))
+    signer = parse(services["certs"]["command"])
+    assert signer.nodes == len(_supernodes(compose)) == len([t for _, t, _ in mounts(services["certs"]) if "/nodes/" in t])
+    # The exported files go to the user the services run as (certs runs as root).
+    assert services["certs"]["user"] == "root" and signer.owner == re.findall(r"^USER (\S+)", (ROOT / "Dockerfile").read_text(), re.M)[-1]
     superlink = parse(services["superlink"]["command"])
-    assert superlink.separate_serverapp and (superlink.port, superlink.fleet_port) == (9093, 9092)
+    assert superlink.separate_serverapp and superlink.control_address.endswith(":9093")
     submit = parse(_argv(services["submit"]))
-    assert submit.action == "submit" and submit.superlink == "superlink:9093" and submit.config.endswith("quick.toml")
-    # register: a shell line whose glob the shell expands to every node's public key.
-    line = services["register"]["command"][0].removeprefix("exec ").replace("/certs/nodes/*.pub", "/certs/nodes/node-0.pub /certs/nodes/node-1.pub")
-    assert [str(k) for k in parse(line.split()).keys] == ["/certs/nodes/node-0.pub", "/certs/nodes/node-1.pub"]
+    assert submit.action == "submit" and submit.superlink.endswith(":9093") and submit.config.endswith("quick.toml")
+    assert [str(k) for k in parse(_argv(services["register"])).keys] == ["/certs/nodes"]
 
     # Supernodes: run clients/entrypoint.sh with the service's environment, a stub `fedtune` recording its argv.
     stub = tmp_path / "fedtune"
@@ -153,4 +224,4 @@ def test_a_non_editable_install_carries_the_data_files(tmp_path):
                     "-w", str(tmp_path)], check=True, env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
     (wheel,) = tmp_path.glob("fedtune-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert {"fedtune/hardware/devices.toml", "fedtune/deploy/flwr_app/pyproject.toml"} <= names
+    assert {"fedtune/hardware/devices.toml", "fedtune/app/flower/pyproject.toml"} <= names

@@ -1,14 +1,19 @@
 """docker-compose.yml's services run as local processes, the way Docker would run
 them (there is no engine here): each service's own entrypoint, command,
-environment and working directory, its named volumes as directories, its
-depends_on conditions met first (a one-shot service completed, a service healthy
-by its own health check), and the host name "superlink" as 127.0.0.1. Only the
-ports move, as processes on one loopback cannot each have 9092-9098: the
-SuperLink gets --port/--fleet-port and each edge client PORT (the variable
-clients/entrypoint.sh reads). Then `docker compose run submit` runs 2 rounds."""
+environment and working directory, its named volumes as directories mounted where
+its paths point (conftest.ComposeFiles), its depends_on conditions met first (a
+one-shot service completed, a service healthy by its own health check), and the
+SuperLink's host names ("superlink", its network aliases) as 127.0.0.1. Networks
+are one loopback here, so this runs the services, not their isolation
+(tests/test_compose.py checks that). Only the ports move, as processes on one
+loopback cannot each have 9092-9098: the SuperLink's addresses get free ones and
+each edge client PORT (the variable clients/entrypoint.sh reads); and the `certs`
+service gives the exported files to the user running this test instead of the
+image's. Then `docker compose run submit` runs 2 rounds."""
 
 import json
 import os
+import pwd
 import re
 import subprocess
 import sys
@@ -17,14 +22,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import APP, REPO, ComposeFiles, small_overrides
 
-from conftest import small_overrides
 from fedtune.deploy.flwr_cli import BIN
 from fedtune.deploy.topology import Processes, free_port
 
 pytestmark = pytest.mark.integration
-ROOT = Path(__file__).resolve().parents[1]
-APP = "/app"  # the Dockerfile's WORKDIR, where it copies this repository's files
 READY_S = 240.0
 COMPOSE_PORTS = (9092, 9093, 9098)  # Fleet API, Control/Runtime APIs, the ServerApp runner's health
 
@@ -32,9 +35,10 @@ COMPOSE_PORTS = (9092, 9093, 9098)  # Fleet API, Control/Runtime APIs, the Serve
 class ComposeOnLoopback:
     def __init__(self, compose: dict, root: Path) -> None:
         self.services = compose["services"]
-        self.volumes = {name: root / "volumes" / name for name in compose["volumes"]}
-        for path in self.volumes.values():
-            path.mkdir(parents=True)
+        self.files = ComposeFiles(compose, root)
+        self.volumes = self.files.volumes
+        aliases = [a for spec in self.services["superlink"]["networks"].values() for a in (spec or {}).get("aliases", [])]
+        self.hosts = "|".join(sorted(map(re.escape, ["superlink", *aliases]), key=len, reverse=True))
         self.ports = {port: free_port() for port in COMPOSE_PORTS}
         self.runtime_ports: dict[str, int] = {}  # edge client -> its Runtime API (9094 in its container)
         self.procs = Processes(root / "logs", {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"})
@@ -43,11 +47,8 @@ class ComposeOnLoopback:
         """TEXT of service NAME (an argument, a variable, a health check) as its process here must see it."""
         ports = {**self.ports, 9094: self.runtime_ports.get(name)}
         text = re.sub(r"\b(9092|9093|9094|9098)\b", lambda m: str(ports[int(m[1])]), text)
-        text = text.replace("superlink:", "127.0.0.1:")
-        mounts = {target: str(self.volumes[source]) for source, target, *_ in
-                  (volume.split(":") for volume in self.services[name].get("volumes", []))}
-        mounts[APP] = str(ROOT)
-        return re.sub(r"(?<![\w.-])(/certs|/data|/app)(?![\w-])", lambda m: mounts[m[1]], text)
+        text = re.sub(rf"(?<![\w/.-])({self.hosts})(?=:\d|')", "127.0.0.1", text)  # superlink:9092, ('superlink-control', ...)
+        return self.files.local(name, text)
 
     def up(self) -> None:
         """`docker compose up`: every service outside a profile, in file order (which follows depends_on)."""
@@ -56,8 +57,8 @@ class ComposeOnLoopback:
                 continue
             self._wait_for_dependencies(name)
             argv = [*service.get("entrypoint", []), *service["command"]]
-            if name == "superlink":
-                argv += ["--port", "9093", "--fleet-port", "9092"]
+            if "--owner" in argv:  # the image's user, which `certs` (root there) hands the files to
+                argv[argv.index("--owner") + 1] = pwd.getpwuid(os.geteuid()).pw_name
             env = self._env(name)
             if "PARTITION_ID" in env:  # an edge client
                 self.runtime_ports[name] = free_port()
@@ -102,7 +103,7 @@ class ComposeOnLoopback:
 
 
 def test_the_compose_services_run_a_job_as_local_processes(tmp_path):
-    stack = ComposeOnLoopback(yaml.safe_load((ROOT / "docker-compose.yml").read_text()), tmp_path)
+    stack = ComposeOnLoopback(yaml.safe_load((REPO / "docker-compose.yml").read_text()), tmp_path)
     with stack.procs:
         stack.up()
         out = stack.run("submit", f"{APP}/simulations/quick.toml", *small_overrides())

@@ -4,10 +4,10 @@ both directions, every update is accepted, and the run still learns."""
 import json
 
 import pytest
-
 from conftest import expected_payload_size, small_config
-from fedtune.report.run_dir import create_run_dir
+
 from fedtune.methods import get_method
+from fedtune.report.run_dir import create_run_dir
 from fedtune.simulation import run_simulation
 from fedtune.task import load_model
 

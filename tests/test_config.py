@@ -1,6 +1,6 @@
 import pytest
 
-from fedtune.config import RunConfig, from_dict, load_config
+from fedtune.config import RunConfig, check_override, from_dict, load_config
 from fedtune.errors import FedtuneError
 
 
@@ -18,6 +18,28 @@ def test_file_and_overrides(tmp_path):
     assert config.lora.rank == 16 and config.lora.target_modules == ["q_proj"]
     assert config.train.lr == 1e-3
     assert config.data.source == "my file.csv"  # bare words are strings
+
+
+@pytest.mark.parametrize(
+    "text, name",
+    [("nan", "nan"), ("inf", "inf"), ("123", "123"), ("1e3", "1e3"), ("true", "true"), ("[1, 2]", "[1, 2]"),
+     ('"quoted"', "quoted"), ("'single'", "single"), ('"123"', "123"), ("my run", "my run")],
+)
+def test_a_str_key_takes_the_override_text(text, name):
+    # TOML reads nan, 123 and true as a float, an int and a bool; run.name is a str.
+    assert load_config(None, [f"run.name={text}"]).run.name == name
+    check_override(f"run.name={text}")  # the `compare` grid's check of each override
+
+
+def test_other_keys_still_read_override_text_as_toml():
+    config = load_config(None, ["run.rounds=7", "train.lr=2e-3", "run.centralized_baseline=true", "flora.client_ranks=[1, 2, 3, 4]",
+                                "federation.method=flora", "hardware.mix={phone = 1.0}"])
+    assert (config.run.rounds, config.train.lr, config.run.centralized_baseline) == (7, 2e-3, True)
+    assert config.flora.client_ranks == [1, 2, 3, 4] and config.hardware.mix == {"phone": 1.0}
+    with pytest.raises(FedtuneError, match="config key run.rounds must be int, got str 'seven'"):
+        check_override("run.rounds=seven")
+    with pytest.raises(FedtuneError, match="config key lora.target_modules must be a list of str"):
+        check_override("lora.target_modules=nan")
 
 
 def test_int_accepted_for_float():
@@ -40,6 +62,7 @@ def test_int_accepted_for_float():
         ({"lora": {"target_modules": "q_proj"}}, "lora.target_modules"),
         ({"train": {"lr": 0}}, "train.lr"),
         ({"train": {"batch_size": 0}}, "train.batch_size"),
+        ({"train": {"physical_batch_size": -1}}, "train.physical_batch_size"),
         ({"partition": {"scheme": "random"}}, "partition.scheme"),
         ({"partition": {"alpha": 0.0}}, "partition.alpha"),
         ({"partition": {"num_clients": 0}}, "partition.num_clients"),

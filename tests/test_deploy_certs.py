@@ -4,6 +4,8 @@ nothing answers. A TLS listener in this process plays the SuperLink."""
 
 import datetime as dt
 import ipaddress
+import os
+import pwd
 import socket
 import ssl
 import stat
@@ -16,7 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedtune.cli import main
-from fedtune.deploy import certs
+from fedtune.deploy import certs, services
 from fedtune.deploy.topology import free_port
 
 
@@ -71,6 +73,55 @@ def test_fedtune_certs_commands(tmp_path, capsys):
     assert main(["certs", "node", str(tmp_path / "edge" / "alice")]) == 0
     certs.check_node_key(tmp_path / "edge" / "alice")
     assert (tmp_path / "edge" / "alice.pub").read_text().startswith("ecdsa-sha2-nistp384 ")
+
+
+def test_export_gives_each_party_its_files_and_no_other_private_key(certs_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["certs", "create", str(certs_dir), "--export", str(out)]) == 0
+    assert f"exported {out / 'nodes' / 'node-1'}: ca.pem node-1" in capsys.readouterr().out
+    copies = {p.relative_to(out).as_posix(): p for p in out.rglob("*") if p.is_file()}
+    assert set(copies) == {"superlink/ca.pem", "superlink/server.pem", "superlink/server.key", "public/ca.pem",
+                           "public/nodes/node-0.pub", "public/nodes/node-1.pub",
+                           "nodes/node-0/ca.pem", "nodes/node-0/node-0", "nodes/node-1/ca.pem", "nodes/node-1/node-1"}
+    source = {"superlink/server.key": "server.key", "nodes/node-1/node-1": "nodes/node-1", "public/nodes/node-0.pub": "nodes/node-0.pub"}
+    assert all(copies[c].read_bytes() == (certs_dir / s).read_bytes() for c, s in source.items())
+    private = {c for c, p in copies.items() if b"PRIVATE KEY" in p.read_bytes()}
+    assert private == {"superlink/server.key", "nodes/node-0/node-0", "nodes/node-1/node-1"}  # never ca.key
+    assert all(stat.S_IMODE(copies[c].stat().st_mode) == 0o600 for c in private)
+    certs.check_server(out / "superlink")
+    certs.check_node_key(out / "nodes" / "node-0" / "node-0")
+
+    # Again after a reissue: the SuperLink gets the new certificate. A node whose public
+    # key alone the signer holds (made on its own machine) is exported as public only.
+    certs.create(certs_dir, [], sans=["fl.example.org"])
+    certs.create_node_key(tmp_path / "edge", "alice")
+    (certs_dir / "nodes" / "alice.pub").write_bytes((tmp_path / "edge" / "alice.pub").read_bytes())
+    certs.export(certs_dir, out)
+    assert (out / "superlink" / "server.pem").read_bytes() == (certs_dir / "server.pem").read_bytes()
+    assert (out / "public" / "nodes" / "alice.pub").is_file() and not (out / "nodes" / "alice").exists()
+
+
+def test_export_owner(certs_dir, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    _fails_cleanly(capsys, ["certs", "create", str(certs_dir), "--owner", "root"], "--owner", "add --export")
+    _fails_cleanly(capsys, ["certs", "create", str(certs_dir), "--export", out, "--owner", "no-such-user"], "no user 'no-such-user'")
+    # Root (compose's signer) gives the files to another user; anyone else may name only themself.
+    user = pwd.getpwnam("nobody") if os.geteuid() == 0 else pwd.getpwuid(os.geteuid())
+    assert main(["certs", "create", str(certs_dir), "--export", out, "--owner", user.pw_name]) == 0
+    assert {(p.stat().st_uid, p.stat().st_gid) for p in (tmp_path / "out").rglob("*") if p.is_file()} == {(user.pw_uid, user.pw_gid)}
+
+
+def test_the_superlink_keeps_its_unauthenticated_apis_on_loopback_by_default(certs_dir, tmp_path, monkeypatch, capsys):
+    execs = []
+    monkeypatch.setattr(services.os, "execve", lambda path, argv, env: execs.append(argv))
+    superlink = ["deploy", "superlink", "--certs", str(certs_dir), "--state", str(tmp_path / "state")]
+    assert main(superlink) == 0
+    assert main([*superlink, "--control-address", "[::1]:9100", "--fleet-address", "10.0.0.7:9200"]) == 0
+    flags = [{flag: argv[argv.index(flag) + 1] for flag in ("--host", "--port", "--fleet-api-address")} for argv in execs]
+    # Control and Runtime APIs (flower-superlink's --host/--port): loopback; the Fleet API, authenticated: every interface.
+    assert flags == [{"--host": "127.0.0.1", "--port": "9093", "--fleet-api-address": "0.0.0.0:9092"},
+                     {"--host": "::1", "--port": "9100", "--fleet-api-address": "10.0.0.7:9200"}]
+    _fails_cleanly(capsys, [*superlink, "--control-address", "9093"], "'9093' must be HOST:PORT")
 
 
 def _expire(path, ca_dir):
@@ -151,6 +202,9 @@ def test_a_wrong_ca_and_a_silent_address_are_one_line_errors(certs_dir, tmp_path
                             "--set", f"run.output_dir={tmp_path / 'runs'}"], "nothing answers")
     assert not (tmp_path / "runs").exists()  # checked before anything is prepared
     _fails_cleanly(capsys, [*node, "--superlink", "no-port", "--ca", str(certs_dir / certs.CA)], "must be HOST:PORT")
+    (tmp_path / "empty").mkdir()
+    _fails_cleanly(capsys, ["certs", "register", str(tmp_path / "empty"), "--superlink", silent, "--ca", str(certs_dir / certs.CA)],
+                   "holds no public key")
     # Our CA, but a certificate that does not name the address dialled.
     certs._write_server(certs_dir, certs.load_cert(certs_dir / certs.CA),
                         serialization.load_pem_private_key((certs_dir / certs.CA_KEY).read_bytes(), None), ["fl.example.org"], 1)

@@ -11,15 +11,16 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
-
 from conftest import assert_fedit_payload_sizes, small_config, small_overrides
-from fedtune.report.run_dir import create_run_dir
+
 from fedtune.cli import main
 from fedtune.deploy import certs, services
 from fedtune.deploy.local import LocalFederation
 from fedtune.deploy.topology import node_config
+from fedtune.report.run_dir import create_run_dir
 from fedtune.simulation import run_simulation
 
 pytestmark = pytest.mark.integration
@@ -72,6 +73,15 @@ def test_fedit_through_fedtune_deploy_submit_gives_the_simulation_numbers(federa
     assert ledger == _records(simulated_fedit / "ledger.jsonl")
     assert_fedit_payload_sizes(small_config(tmp_path), ledger)
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_each_process_is_given_its_own_secrets_only(federation):
+    """The SuperLink and each SuperNode are pointed at their copies (certs.export), never the signer's directory."""
+    paths = {name: {a for a in proc.args if a.startswith(str(federation.state))} for name, proc in federation.procs.procs.items()}
+    export = federation.export
+    assert paths["superlink"] == {str(export / "superlink" / name) for name in ("ca.pem", "server.pem", "server.key")}
+    for i in range(CLIENTS):
+        assert paths[f"node-{i}"] == {str(export / "public" / "ca.pem"), str(export / "nodes" / f"node-{i}" / f"node-{i}")}
 
 
 def test_fed_sb_deployed(federation, tmp_path):
@@ -128,6 +138,29 @@ def test_an_interrupted_run_resumes_to_the_simulation_numbers(federation, simula
     assert main(["deploy", "submit", "--resume", str(run_dir), *connection]) == 0
     assert _stable(_records(run_dir / "metrics.jsonl")) == _stable(_records(simulated_fedit / "metrics.jsonl"))
     assert _records(run_dir / "ledger.jsonl") == _records(simulated_fedit / "ledger.jsonl")
+
+
+def test_a_hostile_node_is_refused_and_the_console_says_why(federation, tmp_path, capsys):
+    """node-1's worker swapped for tests/hostile.py's app: a shape-overflow uplink,
+    then replies of the wrong structure; the run goes on, and `deploy submit` shows each refusal."""
+    attacks = {1: ("overflow", "tensors: "), 2: ("no-metrics", "structure: no 'metrics' record"),
+               3: ("payload-str", "structure: no 'fedtune' record with bytes under 'payload'")}
+    tests = str(Path(__file__).parent)
+    federation.replace_worker("node-1", "hostile:app", PYTHONPATH=os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")])),
+                              FEDTUNE_HOSTILE=",".join(a for a, _ in attacks.values()), FEDTUNE_HOSTILE_CLIENTS="1")
+    connection = ["--superlink", federation.control, "--ca", str(federation.certs / certs.CA)]
+    try:
+        assert main(["deploy", "submit", *small_overrides(tmp_path), "--set", f"run.rounds={len(attacks)}", *connection]) == 0
+    finally:
+        federation.replace_worker("node-1", "fedtune.app.client:app")
+    out = capsys.readouterr().out
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    for row in _records(run_dir / "metrics.jsonl")[1:]:
+        attack, shown = attacks[row["round"]]
+        assert [(d["client"], d["stage"]) for d in row["dropped"]] == [("client-1", shown.split(":")[0])], attack
+        assert row["aggregated"] == 2
+        assert f"client-1 {shown}" in out  # on the console of `fedtune deploy submit`
+    assert "dropped: tensors 1" in out and "dropped: structure 1" in out
 
 
 def test_a_node_killed_mid_round_does_not_stop_the_run(federation, tmp_path):

@@ -2,9 +2,9 @@
 MiniLM adapters with random client updates and uneven client weights."""
 
 import torch
+from conftest import fedavg, small_config
 from peft.tuners.lora import LoraLayer
 
-from conftest import fedavg, small_config
 from fedtune.methods import ClientUpdate, get_method
 from fedtune.methods.adapters import load_trainable_state
 from fedtune.task import load_model

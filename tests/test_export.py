@@ -4,10 +4,10 @@ import json
 
 import pytest
 import torch
+from conftest import fedavg, small_config
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from conftest import fedavg, small_config
 from fedtune.methods import METHODS, ClientUpdate, get_method
 from fedtune.methods.fedkseed import FedKSeed, per_seed_sums
 from fedtune.task import load_model, load_splits

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import fedavg, small_config
+
 from fedtune.errors import FedtuneError
 from fedtune.methods import ClientJob, ClientUpdate, get_method
 from fedtune.task import client_data, load_model, load_splits, server_data
@@ -64,8 +64,8 @@ def test_bases_travel_once_and_clients_train_only_r(fed_sb):
 
 def test_config_errors(tmp_path):
     config = small_config(tmp_path, federation={"method": "fed_sb"}, lora={"rank": 500})
-    with pytest.raises(FedtuneError, match=r"lora.rank 500 exceeds the smaller side of layer .* \(384, 384\)"):
-        get_method(config).server_init(load_model(config))
+    with pytest.raises(FedtuneError, match=r"config key lora.rank must be at most 384, the smaller side of adapted layer .* \(384 x 384\), got 500"):
+        get_method(config).check(load_model(config))
     config = small_config(tmp_path, federation={"method": "fed_sb"}, data={"train_size": 0})
     with pytest.raises(FedtuneError, match="data.train_size = 0 gives every example to the clients"):
         get_method(config).server_init(load_model(config))

@@ -1,7 +1,7 @@
 import pytest
 import torch
+from conftest import fedavg, uplink_rejection
 
-from conftest import fedavg
 from fedtune.errors import FedtuneError
 from fedtune.methods import ClientJob, ClientUpdate, get_method
 from fedtune.methods.adapters import load_trainable_state, trainable_state
@@ -10,7 +10,7 @@ from fedtune.task import client_data, load_model
 
 
 def weighted_average(updates):
-    return {n: by_examples(updates).average(updates, n) for n in updates[0].tensors}
+    return {n: by_examples(updates).average(updates, n, t) for n, t in updates[0].tensors.items()}
 
 
 def test_weighted_average_is_exact_fedavg():
@@ -74,12 +74,12 @@ def test_unknown_method_and_bad_target_modules(tmp_path):
         get_method(config).server_init(load_model(config))
 
 
-def test_server_check_rejects_malformed_updates(config):
+def test_the_server_refuses_malformed_updates(config):
     method = get_method(config)
     method.server_init(load_model(config))
     down = method.server_downlink(0)
     name = next(n for n in down if "lora_A" in n)
-    assert method.server_check(ClientUpdate(0, dict(down), 10)) is None
+    assert uplink_rejection(method, dict(down)) is None
     cases = {
         "names differ": {n: t for n, t in down.items() if n != name},
         "expected torch.float32 (8, 384)": {**down, name: torch.zeros(4, 384)},  # another rank
@@ -87,5 +87,5 @@ def test_server_check_rejects_malformed_updates(config):
         "non-finite": {**down, name: torch.full_like(down[name], float("nan"))},
     }
     for reason, tensors in cases.items():
-        assert reason in method.server_check(ClientUpdate(0, tensors, 10))
-    assert "num_examples" in method.server_check(ClientUpdate(0, dict(down), 0))
+        assert reason in uplink_rejection(method, tensors)
+    assert "examples: claims 0 examples; its partition holds 40" == uplink_rejection(method, dict(down), num_examples=0)

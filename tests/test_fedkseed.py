@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import fedavg, small_config, uplink_rejection
 
-from conftest import fedavg, small_config
 from fedtune import wire
 from fedtune import zeroth_order as zo
 from fedtune.errors import FedtuneError
@@ -92,7 +92,7 @@ def test_server_and_client_replicas_are_bit_identical(tmp_path, encoding):
             pid = c
             job = ClientJob(c, client_data(config, pid), seed=rnd * 10 + pid, state=states[c])
             result = server.client_train(load_model(config), server.server_downlink(c), job)
-            assert server.server_check(ClientUpdate(c, result.tensors, result.num_examples)) is None
+            assert uplink_rejection(server, result.tensors, client=c, rnd=rnd, num_examples=result.num_examples) is None
             updates.append(ClientUpdate(c, result.tensors, result.num_examples))
         fedavg(server, updates)
 
@@ -159,31 +159,31 @@ def test_bytes_per_client_round_at_k4096_and_200_steps(tmp_path):
 def test_malformed_uplinks_are_rejected(tmp_path):
     paper = _server(_config(tmp_path, encoding="paper"))
     ok = {"seeds": torch.arange(5, dtype=torch.int32), "scalars": torch.ones(5)}
-    assert paper.server_check(ClientUpdate(0, ok, 40)) is None
+    assert uplink_rejection(paper, ok) is None
     partial = {"seeds": ok["seeds"][:2], "scalars": ok["scalars"][:2]}  # a straggler's first steps
-    assert paper.server_check(ClientUpdate(0, partial, 40)) is None
+    assert uplink_rejection(paper, partial) is None
     cases = {
         "seed index out of range [0, 64)": {**ok, "seeds": torch.tensor([0, 1, 2, 3, 64], dtype=torch.int32)},
-        "non-finite scalar": {**ok, "scalars": torch.tensor([1.0, float("nan"), 1, 1, 1])},
-        "expected 1 to 5 int32 seeds and as many float32 scalars, got (6,) and (6,)": {
+        "scalars: non-finite values": {**ok, "scalars": torch.tensor([1.0, float("nan"), 1, 1, 1])},
+        "seeds: torch.int32 (6,), expected torch.int32 1-d of at most (5,)": {
             "seeds": torch.arange(6, dtype=torch.int32), "scalars": torch.ones(6)
         },
         "expected 1 to 5 int32 seeds and as many float32 scalars, got (4,) and (5,)": {**ok, "seeds": ok["seeds"][:4]},
-        "expected tensors seeds and scalars": {"seeds": ok["seeds"]},
+        "tensor names differ from the 2 expected: missing ['scalars']": {"seeds": ok["seeds"]},
     }
     for reason, tensors in cases.items():
-        assert reason in paper.server_check(ClientUpdate(0, tensors, 40))
+        assert reason in uplink_rejection(paper, tensors)
 
     compact = _server(_config(tmp_path, encoding="compact"))
     good = compact.encode_scalars(per_seed_sums(torch.tensor([3, 9]), torch.tensor([0.5, -1.0]), 64))
-    assert compact.server_check(ClientUpdate(0, good, 40)) is None
+    assert uplink_rejection(compact, good) is None
     cases = {
         "mask marks 2 seeds but 1 scalars came": {**good, "scalars": good["scalars"][:1]},
-        "expected a uint8 mask of 8 bytes": {**good, "mask": good["mask"][:7]},
-        "non-finite scalar": {**good, "scalars": torch.tensor([float("inf"), 1.0])},
+        "mask: torch.uint8 (7,), expected torch.uint8 (8,)": {**good, "mask": good["mask"][:7]},
+        "scalars: non-finite values": {**good, "scalars": torch.tensor([float("inf"), 1.0])},
     }
     for reason, tensors in cases.items():
-        assert reason in compact.server_check(ClientUpdate(0, tensors, 40))
+        assert reason in uplink_rejection(compact, tensors)
 
 
 def test_pro_probabilities_follow_the_history_of_g(tmp_path):
@@ -211,22 +211,23 @@ def test_tuned_parameter_selection(tmp_path):
 
 
 def test_uplinks_from_another_round_method_or_client_are_rejected(tmp_path):
-    from fedtune.app.exchange import check_uplink
     from fedtune.codecs.tensor import PLAIN
+    from fedtune.rounds.validation import Expected, validate_payload
 
     server = _server(_config(tmp_path, encoding="paper"))
     tensors = {"seeds": torch.arange(5, dtype=torch.int32), "scalars": torch.ones(5)}
+    expected = Expected.of(server, PLAIN, 3, 1, 40, 5)
 
     def uplink(method="fedkseed", rnd=3, client="client-1"):
         return wire.encode(wire.Payload(method, rnd, client, tensors, 40))
 
-    update, reason = check_uplink(server, PLAIN, 3, 1, uplink())
-    assert reason == "" and update.num_examples == 40
+    update, rejection = validate_payload(uplink(), expected)
+    assert rejection is None and update.num_examples == 40
     for data, why in [
         (uplink(rnd=2), "header says fedkseed round 2 from 'client-1'"),
         (uplink(method="fedit"), "header says fedit round 3"),
         (uplink(client="client-2"), "from 'client-2'"),
-        (uplink()[:-7], "malformed payload"),
+        (uplink()[:-7], "not a fedtune payload"),
     ]:
-        update, reason = check_uplink(server, PLAIN, 3, 1, data)
-        assert update is None and why in reason
+        update, rejection = validate_payload(data, expected)
+        assert update is None and why in rejection.reason

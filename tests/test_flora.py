@@ -2,8 +2,8 @@
 
 import pytest
 import torch
+from conftest import fedavg, small_config, uplink_rejection
 
-from conftest import fedavg, small_config
 from fedtune.errors import FedtuneError
 from fedtune.methods import ClientJob, ClientUpdate, get_method
 from fedtune.task import client_data, load_model
@@ -58,9 +58,9 @@ def test_downlink_grows_with_participants_ranks(flora):
 
 def test_each_client_must_send_its_own_rank(flora):
     wrong = _random_update(flora, 1, 1)  # rank 4 tensors...
-    assert flora.server_check(ClientUpdate(0, wrong.tensors, 40)) is not None  # ...from the rank-2 client
-    assert "expected torch.float32 (2, 384)" in flora.server_check(ClientUpdate(0, wrong.tensors, 40))
-    assert flora.server_check(_random_update(flora, 0, 1)) is None
+    assert uplink_rejection(flora, wrong.tensors, client=0) is not None  # ...from the rank-2 client
+    assert "expected torch.float32 (2, 384)" in uplink_rejection(flora, wrong.tensors, client=0)
+    assert uplink_rejection(flora, _random_update(flora, 0, 1).tensors, client=0) is None
 
 
 def test_client_ranks_config_errors(tmp_path):

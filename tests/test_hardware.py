@@ -5,19 +5,26 @@ import dataclasses
 import json
 
 import pytest
-
 from conftest import small_config
-from fedtune.report.run_dir import create_run_dir
+
 from fedtune.errors import FedtuneError
+from fedtune.hardware.catalogue import DeviceProfile, load_catalogue
+from fedtune.hardware.cost import (
+    FRAMEWORK_BYTES,
+    ModelShape,
+    compute_seconds,
+    peak_memory,
+    transfer_seconds,
+)
 from fedtune.hardware.fleet import Fleet
-from fedtune.hardware.cost import FRAMEWORK_BYTES, ModelShape, compute_seconds, peak_memory, transfer_seconds
 from fedtune.hardware.planner import plan_client
+from fedtune.hardware.profiles import assign_devices
+from fedtune.hardware.schedule import ClientTime, available, failures, round_seconds
 from fedtune.methods.base import Footprint
 from fedtune.methods.fedit import FedIT
 from fedtune.methods.registry import METHODS, get_method
-from fedtune.hardware.catalogue import DeviceProfile, load_catalogue
-from fedtune.hardware.profiles import assign_devices
-from fedtune.hardware.schedule import ClientTime, available, failures, round_seconds
+from fedtune.rounds.participation import Uniform
+from fedtune.report.run_dir import create_run_dir
 from fedtune.simulation import run_simulation
 from fedtune.task import load_model
 
@@ -206,7 +213,7 @@ def _fleet_config(tmp_path, **hardware):
 
 
 def test_partial_stragglers_get_the_steps_that_fit(tmp_path):
-    fleet = Fleet(_fleet_config(tmp_path, deadline_s=20.0, stragglers="partial"), load_model(small_config(tmp_path)), FedIT)
+    fleet = Fleet(_fleet_config(tmp_path, deadline_s=20.0, stragglers="partial"), load_model(small_config(tmp_path)), FedIT, Uniform(3, 0))
     fleet.tokens_per_step[0], fleet.sequence_length[0] = 200, 50.0
     per_step = 200 * fleet.shape.forward_flops_per_token(50.0) * 2 / 1e9
     talk = 2 * 8 * 1_000_000 / 100e6
@@ -217,7 +224,7 @@ def test_partial_stragglers_get_the_steps_that_fit(tmp_path):
 def test_a_device_is_up_in_the_same_rounds_whoever_else_is_eligible(tmp_path):
     """Methods that exclude different devices still see the same availability
     schedule for the devices they share: a fair comparison."""
-    fleet = Fleet(_fleet_config(tmp_path), load_model(small_config(tmp_path)), FedIT)
+    fleet = Fleet(_fleet_config(tmp_path), load_model(small_config(tmp_path)), FedIT, Uniform(3, 0))
     for device in fleet.devices.values():
         object.__setattr__(device, "availability", 0.5)
     before = {rnd: fleet.candidates(rnd) for rnd in range(1, 40)}
@@ -229,7 +236,7 @@ def test_a_device_is_up_in_the_same_rounds_whoever_else_is_eligible(tmp_path):
 
 @pytest.mark.parametrize("deadline_s", [0.0, 20.0])
 def test_when_every_client_fails_the_round_lasts_until_the_last_failure_or_the_deadline(tmp_path, deadline_s):
-    fleet = Fleet(_fleet_config(tmp_path, deadline_s=deadline_s), load_model(small_config(tmp_path)), FedIT)
+    fleet = Fleet(_fleet_config(tmp_path, deadline_s=deadline_s), load_model(small_config(tmp_path)), FedIT, Uniform(3, 0))
     for device in fleet.devices.values():
         object.__setattr__(device, "failure", 1.0)
     times = {0: ClientTime(1, 40, 1), 1: ClientTime(1, 10, 1)}

@@ -8,14 +8,14 @@ import os
 from pathlib import Path
 
 import pytest
+from conftest import small_config
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from conftest import small_config
 from fedtune import wire
-from fedtune.report.run_dir import create_run_dir
 from fedtune.app import client
 from fedtune.app.messages import RECORD
+from fedtune.report.run_dir import create_run_dir
 from fedtune.simulation import run_simulation
 
 pytestmark = pytest.mark.integration

@@ -1,22 +1,25 @@
 """Differential privacy: the accountant's figures, the noise actually added, the
 clipping bound, DP-SGD's step through PEFT, the budget, and bad settings."""
 
+import dataclasses
 import json
 import math
 
 import pytest
 import torch
+from conftest import small_config, train_lora
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
+from opacus.optimizers import DPOptimizer
 
-from conftest import small_config
-from fedtune.report.run_dir import create_run_dir
+from fedtune.config import TrainSection
 from fedtune.errors import FedtuneError
 from fedtune.methods import ClientUpdate, get_method
 from fedtune.methods.adapters import trainable_state, wrap_with_lora
 from fedtune.privacy.accounting import Budget
 from fedtune.privacy.dp_sgd import DPSGD, make_private
 from fedtune.privacy.mechanism import Noise, clip_update
+from fedtune.report.run_dir import create_run_dir
 from fedtune.rounds.release import by_examples
 from fedtune.simulation import run_simulation
 from fedtune.task import client_data, load_model
@@ -100,7 +103,7 @@ def _aggregate_noise(trials: int, clients: int, noise: Noise) -> torch.Tensor:
     """The aggregate minus the noiseless average, over many rounds of identical updates."""
     update = torch.linspace(-1, 1, 500)
     updates = [ClientUpdate(k, {"w": update}, 1) for k in range(clients)]
-    return torch.stack([by_examples(updates, noise).average(updates, "w") - update for _ in range(trials)])
+    return torch.stack([by_examples(updates, noise).average(updates, "w", update) - update for _ in range(trials)])
 
 
 def test_server_noise_on_the_average_has_std_z_clip_over_m():
@@ -117,21 +120,16 @@ def test_client_shares_add_up_to_the_same_noise():
     assert total.std().item() == pytest.approx(z * clip, rel=0.05)  # the noise on the sum
 
 
-def test_flora_noises_each_stacked_factor_in_full(tmp_path):
-    """FLoRA releases every client's factors on their own: each gets std z*C, not a share."""
-    method = get_method(small_config(tmp_path, federation={"method": "flora"}))
-    assert method.released_alone("base_model.model.x.lora_A.default.weight")
-    assert not method.released_alone("base_model.model.classifier.modules_to_save.default.weight")
-    method.server_init(load_model(method.config))
-    zero = {n: torch.zeros_like(t) for n, t in method.uplink_template(0).items()}
-    updates = [ClientUpdate(0, zero, 1)]
-    method.server_aggregate(updates, by_examples(updates, Noise(0.3, torch.Generator().manual_seed(3))))
-    factors = method.log.deltas[-1]
-    b = torch.cat([t.flatten() for n, t in factors.items() if n.endswith(".B")])
-    assert b.std().item() == pytest.approx(0.3, rel=0.05)
+def test_flora_is_refused_under_client_level_dp(tmp_path):
+    """FLoRA releases every client's factors on their own: how many there are tells
+    who took part, which the sampling analysis does not cover."""
+    with pytest.raises(FedtuneError, match="privacy.mode 'client' cannot cover flora.*use privacy.mode 'sample'"):
+        get_method(small_config(tmp_path, federation={"method": "flora"}, privacy={"mode": "client"}))
+    get_method(small_config(tmp_path, federation={"method": "flora"}, privacy={"mode": "sample"}))
 
 
-def test_fedkseed_noises_only_the_seeds_used(tmp_path):
+def test_fedkseed_noises_every_seed(tmp_path):
+    """Whether a seed's sum is noised must not depend on whether a client drew it."""
     config = small_config(tmp_path, federation={"method": "fedkseed"}, fedkseed={"num_seeds": 4000})
     method = get_method(config)
     method.server_init(load_model(config))
@@ -141,8 +139,9 @@ def test_fedkseed_noises_only_the_seeds_used(tmp_path):
     method.apply = lambda tuned, scalars: []  # skip the replay: the released scalars are the point
     method.server_aggregate(updates, by_examples(updates, Noise(2.0, torch.Generator().manual_seed(4))))
     released = method.decode_scalars(method.log.deltas[-1])
-    assert torch.count_nonzero(released[2000:]) == 0
+    assert torch.count_nonzero(released) == 4000
     assert released[:2000].std().item() == pytest.approx(2.0 / 2, rel=0.05)
+    assert released[2000:].std().item() == pytest.approx(2.0 / 2, rel=0.05)
 
 
 # -- DP-SGD through PEFT -------------------------------------------------------------
@@ -172,7 +171,7 @@ def _one_step(tmp_path, method_name, dp, clip_each=None):
     optimizer = torch.optim.SGD(params, lr=0.1)
     forward = model
     if dp is not None:
-        forward, optimizer = make_private(model, optimizer, dp, batch_size=4, seed=0)
+        forward, optimizer = make_private(model, optimizer, dp, batch_size=4)
     model.train()  # Opacus records activations in training mode only
     for module in model.modules():  # but no dropout: the hand-made step below sees the same function
         if isinstance(module, torch.nn.Dropout):
@@ -220,6 +219,26 @@ def test_dp_sgd_step_is_the_mean_of_clipped_per_example_gradients(tmp_path):
     assert min(norms) > clip  # every example was clipped
     for n in params:
         torch.testing.assert_close(private[n], -0.1 * total[n] / 4, rtol=1e-3, atol=1e-7)
+
+
+@pytest.mark.parametrize("noise", [0.0, 1.0])
+def test_dp_sgd_logical_batch_in_physical_chunks_is_one_step(tmp_path, monkeypatch, noise):
+    """Poisson samples of expected size 16, taken 5 examples at a time, move the
+    adapter as when each is taken whole: every example clipped on its own, and with
+    noise exactly one draw (from the same seeded generator) per logical step."""
+    config = small_config(tmp_path)
+    dp = DPSGD(noise_multiplier=noise, clip=0.05)  # clips every example (see above)
+    draws = []
+    add_noise = DPOptimizer.add_noise
+    monkeypatch.setattr(DPOptimizer, "add_noise", lambda self: draws.append(1) or add_noise(self))
+    train = TrainSection(optimizer="sgd", batch_size=16, lr=0.1)
+    whole, whole_sizes = train_lora(config, train, steps=2, dp=dp)
+    chunked, sizes = train_lora(config, dataclasses.replace(train, physical_batch_size=5), steps=2, dp=dp)
+    assert len(draws) == 4  # 2 steps, each run
+    assert max(sizes) <= 5 < max(whole_sizes) and sum(sizes) == sum(whole_sizes)
+    for name in whole:
+        assert whole[name].abs().max() > 0, name
+        torch.testing.assert_close(chunked[name], whole[name], rtol=1e-4, atol=1e-7)
 
 
 # -- bad settings ----------------------------------------------------------------

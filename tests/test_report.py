@@ -4,7 +4,13 @@ from fedtune.config import load_config
 from fedtune.ledger import Transfer
 from fedtune.report.console import human_bytes, summary_table
 from fedtune.report.recorder import Recorder
-from fedtune.report.rows import HardwareRow, RunSummary, read_rows, read_summary, to_json
+from fedtune.report.rows import (
+    HardwareRow,
+    RunSummary,
+    read_rows,
+    read_summary,
+    to_json,
+)
 from fedtune.report.run_dir import create_run_dir, finish
 from fedtune.training import EvalResult
 

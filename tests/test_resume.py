@@ -10,12 +10,12 @@ import time
 
 import pytest
 import torch
-
 from conftest import fedavg, small_config, small_overrides
+
 from fedtune import checkpoint
-from fedtune.report.run_dir import create_run_dir
 from fedtune.cli import main
 from fedtune.methods import ClientUpdate, get_method
+from fedtune.report.run_dir import create_run_dir
 from fedtune.simulation import run_simulation
 from fedtune.task import load_model
 
@@ -62,6 +62,34 @@ def test_a_run_killed_mid_round_resumes_to_the_same_result(tmp_path, capsys):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["final_accuracy"] == json.loads((reference_dir / "summary.json").read_text())["final_accuracy"]
     assert (run_dir / "adapter" / "adapter_config.json").is_file()
+
+
+@pytest.mark.integration
+def test_one_ctrl_c_ends_a_run_at_once_and_it_resumes(tmp_path, capsys):
+    # As a terminal sends it: SIGINT to the whole process group, Ray's processes too. SIG_DFL in
+    # the child: a shell without job control starts background jobs with SIGINT ignored.
+    process = subprocess.Popen([sys.executable, "-m", "fedtune.cli", "run", *small_overrides(tmp_path)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    runs = tmp_path / "runs"
+    try:
+        _wait_for(lambda: any(runs.glob("*/checkpoint.pt")) or process.poll() is not None)
+        os.killpg(process.pid, signal.SIGINT)
+        _, err = process.communicate(timeout=20)  # it used to hang for federation.timeout_s (an hour)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "interrupted; finished rounds are in the run directory"
+    (run_dir,) = runs.iterdir()
+    kept = _records(run_dir / "metrics.jsonl")
+    assert [r["round"] for r in kept] == [0, 1] and not (run_dir / "summary.json").exists()
+
+    assert main(["run", "--resume", str(run_dir)]) == 0
+    assert "resuming" in capsys.readouterr().out
+    rows = _records(run_dir / "metrics.jsonl")
+    assert rows[:2] == kept and [r["round"] for r in rows] == [0, 1, 2]
+    assert (run_dir / "summary.json").is_file()
 
 
 def test_resume_refuses_a_directory_without_checkpoint(tmp_path, capsys):

@@ -4,10 +4,10 @@ payloads, the ledger and the run directory."""
 import json
 
 import pytest
-
 from conftest import assert_fedit_payload_sizes, small_config, small_overrides
-from fedtune.report.run_dir import create_run_dir
+
 from fedtune.cli import main
+from fedtune.report.run_dir import create_run_dir
 from fedtune.simulation import run_simulation
 
 pytestmark = pytest.mark.integration

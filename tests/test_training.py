@@ -1,9 +1,12 @@
+import dataclasses
+
 import numpy as np
 import torch
+from conftest import train_lora
 
+from fedtune.config import TrainSection
 from fedtune.methods.adapters import wrap_with_lora
 from fedtune.task import load_model, load_splits
-from fedtune.config import TrainSection
 from fedtune.training import batch_order, evaluate, train_steps
 
 
@@ -48,3 +51,15 @@ def test_sgd_takes_plain_gradient_steps(config):
     for n, p in model.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(p.detach(), expected[n], rtol=1e-4, atol=1e-6)
+
+
+def test_a_batch_in_physical_chunks_takes_the_same_step(config):
+    """Without DP, train.physical_batch_size accumulates the chunks' gradients into
+    the step the whole batch takes."""
+    train = TrainSection(optimizer="sgd", batch_size=12, lr=0.1)
+    whole, whole_sizes = train_lora(config, train, steps=2)
+    chunked, sizes = train_lora(config, dataclasses.replace(train, physical_batch_size=5), steps=2)
+    assert whole_sizes == [12, 12] and sizes == [4, 4, 4, 4, 4, 4]
+    for name in whole:
+        assert whole[name].abs().max() > 0, name
+        torch.testing.assert_close(chunked[name], whole[name], rtol=1e-4, atol=1e-7)

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import expected_payload_size
+
 from fedtune import wire
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -23,7 +23,7 @@ from fedtune.hardware.profiles import device_names
 from fedtune.methods.base import ClientJob
 from fedtune.methods.registry import get_method
 from fedtune.privacy.factory import client_privacy
-from fedtune.task import client_data, config_from_json, derive_seed, load_model
+from fedtune.task import client_data, config_from_json, load_model
 from fedtune.wire import TensorDict
 
 app = ClientApp()
@@ -52,8 +52,8 @@ def train(msg: Message, context: Context) -> Message:
     request = read_train(msg)
     down = wire.decode(request.payload)
     method, data = get_method(config), client_data(config, pid)
-    job = ClientJob(pid, data, derive_seed(config.run.seed, down.round, pid), _load(context, STATE), None, request.local_steps)
-    privacy, memory = client_privacy(config, method, pid, len(data)), _load(context, PRIVACY)
+    job = ClientJob(pid, data, request.seed, _load(context, STATE), None, request.local_steps)
+    privacy, memory = client_privacy(config, method, pid, len(data), down.round), _load(context, PRIVACY)
     job = privacy.prepare(job, memory)
     started = time.perf_counter()
     result = method.client_train(load_model(config), down.tensors, job)

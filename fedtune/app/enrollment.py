@@ -1,29 +1,30 @@
 """Enrollment: hand every node the run config and learn which client (partition)
-each node serves and how many examples it holds."""
+each node serves. How many examples each holds the server derives itself, as
+every party derives the partitions from the config: what a client reports is
+only checked against it, never used to weigh its updates."""
 
 from __future__ import annotations
 
+import logging
 import time
-from dataclasses import dataclass
 
 import numpy as np
 from flwr.serverapp import Grid
 
 from fedtune.app.exchange import collect
 from fedtune.app.messages import RECORD, enrollment
+from fedtune.clients import client_name
 from fedtune.config import RunConfig
 from fedtune.errors import FedtuneError
 from fedtune.partition import partition_summary
 from fedtune.task import config_to_json
 
-
-@dataclass(frozen=True)
-class Enrollment:
-    nodes: dict[int, int]  # client (partition id) -> Flower node id
-    sizes: dict[int, int]  # client -> examples in its partition
+log = logging.getLogger("fedtune")
 
 
-def enroll(grid: Grid, config: RunConfig, label_names: list[str]) -> Enrollment:
+def enroll(grid: Grid, config: RunConfig, label_names: list[str], examples: dict[int, int]) -> dict[int, int]:
+    """Client (partition id) -> Flower node id; ``examples``: each partition's size,
+    as the server derives it, against which what the clients report is checked."""
     wanted, timeout = config.partition.num_clients, config.federation.timeout_s
     deadline = time.monotonic() + timeout
     while len(node_ids := sorted(grid.get_node_ids())) < wanted:
@@ -42,7 +43,11 @@ def enroll(grid: Grid, config: RunConfig, label_names: list[str]) -> Enrollment:
     if len(nodes) < wanted:
         raise FedtuneError(f"only {len(nodes)} of {wanted} clients enrolled within federation.timeout_s")
     print(_summary(histograms, label_names), flush=True)
-    return Enrollment(nodes, {c: int(h.sum()) for c, h in sorted(histograms.items())})
+    for client, histogram in sorted(histograms.items()):
+        if int(histogram.sum()) != examples[client]:
+            log.warning("%s reports %d examples; its partition holds %d: weighing it by the latter",
+                        client_name(client), int(histogram.sum()), examples[client])
+    return nodes
 
 
 def _summary(histograms: dict[int, np.ndarray], label_names: list[str]) -> str:

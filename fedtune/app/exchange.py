@@ -13,15 +13,16 @@ from flwr.app import Message, MessageType
 from flwr.serverapp import Grid
 
 from fedtune import wire
-from fedtune.app.messages import METRICS, RECORD, TrainRequest, train_content
+from fedtune.app.messages import RECORD, TrainRequest, train_content
 from fedtune.clients import client_name
 from fedtune.codecs.link import Codecs
-from fedtune.codecs.spec import Chain
 from fedtune.config import RunConfig
 from fedtune.ledger import Ledger, Transfer, content_bytes
 from fedtune.methods.base import ClientUpdate, Method
 from fedtune.report.rows import HardwareRow
 from fedtune.rounds.participation import ClientReport, Participation
+from fedtune.rounds.robust import Robustness
+from fedtune.rounds.validation import Expected, Rejection, validate_reply
 from fedtune.task import derive_seed
 
 log = logging.getLogger("fedtune")
@@ -29,11 +30,13 @@ log = logging.getLogger("fedtune")
 
 @dataclass(frozen=True)
 class RoundOutcome:
-    updates: list[ClientUpdate]  # valid ones that count, in client order
-    losses: list[float]  # of every valid uplink
+    updates: list[ClientUpdate]  # the ones that count, in client order
+    losses: list[float]  # reported by every client whose uplink was valid
     client_train_time_s: float  # the clients' own training time, summed
     round_train_time_s: float  # wall time of the exchange
     hardware: HardwareRow | None
+    sampled: int  # clients sent a downlink
+    rejections: list[Rejection]  # every uplink refused and every client lost, with why
 
 
 @dataclass(frozen=True)
@@ -44,33 +47,39 @@ class Exchange:
     config: RunConfig
     method: Method
     nodes: dict[int, int]  # client -> node id
+    sizes: dict[int, int]  # client -> examples in its partition, as the server knows it
+    root: int  # the seed of the clients' job seeds: the run seed, or under DP the server's secret
     codecs: Codecs
     participation: Participation
+    robustness: Robustness
     ledger: Ledger
 
     def train_round(self, rnd: int, cohort: list[int], on_reply: Callable[[], None]) -> RoundOutcome:
-        messages, down_bytes = self._downlinks(rnd, cohort)
+        expected, messages, down_bytes = self._downlinks(rnd, cohort)
         started = time.perf_counter()
-        replies = collect(self.grid, messages, self.config.federation.timeout_s, on_reply)
-        client_of = {self.nodes[c]: c for c in down_bytes}
-        updates, losses, train_times, reports = [], [], [], {}
-        # Arrival order varies from run to run; everything downstream sees client order.
-        for node, reply in sorted(replies, key=lambda r: client_of[r[0]]):
-            client = client_of[node]
-            if update := self._read(rnd, client, reply):
-                metrics = reply.content[METRICS]
-                reports[client] = ClientReport(down_bytes[client], content_bytes(reply.content), dict(metrics))
-                updates.append(update)
-                losses.append(float(metrics["train_loss"]))
-                train_times.append(float(metrics["train_time_s"]))
+        replies = dict(collect(self.grid, messages, self.config.federation.timeout_s, on_reply))
+        updates, losses, train_times, reports, rejections = [], [], [], {}, []
+        for client in sorted(expected):  # replies arrive in any order: everything after sees client order
+            update, metrics, rejection = self._read(rnd, expected[client], replies.get(self.nodes[client]))
+            if rejection:
+                log.warning("round %d: %s dropped: %s", rnd, client_name(client), rejection.reason)
+                rejections.append(rejection)
+                continue
+            reports[client] = ClientReport(down_bytes[client], content_bytes(replies[self.nodes[client]].content), metrics)
+            updates.append(update)
+            losses.append(metrics["train_loss"])
+            train_times.append(metrics["train_time_s"])
         kept, hardware = self.participation.settle(rnd, reports)
-        return RoundOutcome([u for u in updates if u.client in kept], losses, round(float(np.sum(train_times)), 3),
-                            round(time.perf_counter() - started, 3), hardware)
+        updates, screened = self.robustness.screen(self.method, [u for u in updates if u.client in kept])
+        for rejection in screened:
+            log.warning("round %d: %s dropped: %s", rnd, client_name(rejection.client), rejection.reason)
+        return RoundOutcome(updates, losses, round(float(np.sum(train_times)), 3), round(time.perf_counter() - started, 3),
+                            hardware, len(expected), rejections + screened)
 
-    def _downlinks(self, rnd: int, cohort: list[int]) -> tuple[list[Message], dict[int, int]]:
+    def _downlinks(self, rnd: int, cohort: list[int]) -> tuple[dict[int, Expected], list[Message], dict[int, int]]:
         """A train message for each client of ``cohort`` that can take part, each in
-        the ledger; (the messages, each client's message bytes)."""
-        messages, down_bytes = [], {}
+        the ledger; (what each client's uplink must be, the messages, their bytes)."""
+        expected, messages, down_bytes = {}, [], {}
         for client in cohort:
             down = wire.Payload(self.method.name, rnd, client_name(client), self.method.server_downlink(client))
             payload = self.codecs.downlink(down, derive_seed(self.config.run.seed, rnd, client))
@@ -78,41 +87,24 @@ class Exchange:
             if not steps:
                 log.warning("round %d: %s skipped: not one local step fits before the deadline (simulated)", rnd, client_name(client))
                 continue
-            content = train_content(TrainRequest(payload, rnd, steps if steps < self.config.train.local_steps else 0))
+            seed = derive_seed(self.root, rnd, client)
+            content = train_content(TrainRequest(payload, rnd, seed, steps if steps < self.config.train.local_steps else 0))
             down_bytes[client] = content_bytes(content)
             self.ledger.record(Transfer(rnd, client_name(client), "down", len(payload), down_bytes[client]))
             messages.append(Message(content, dst_node_id=self.nodes[client], message_type=MessageType.TRAIN, group_id=str(rnd)))
-        return messages, down_bytes
+            expected[client] = Expected.of(self.method, self.codecs.up, rnd, client, self.sizes[client], steps)
+        return expected, messages, down_bytes
 
-    def _read(self, rnd: int, client: int, reply: Message) -> ClientUpdate | None:
-        """The reply's update, counted in the ledger, or None with the reason logged."""
+    def _read(self, rnd: int, expected: Expected, reply: Message | None) -> tuple[ClientUpdate | None, dict, Rejection | None]:
+        """The reply's update and metrics, its uplink counted in the ledger; or why not."""
+        if reply is None:
+            return None, {}, Rejection(expected.client, "failed", f"no reply within federation.timeout_s={self.config.federation.timeout_s:g}")
         if reply.has_error():
-            log.warning("round %d: %s dropped: %s", rnd, client_name(client), reply.error.reason)
-            return None
-        data = reply.content[RECORD]["payload"]
-        self.ledger.record(Transfer(rnd, client_name(client), "up", len(data), content_bytes(reply.content)))
-        update, reason = check_uplink(self.method, self.codecs.up, rnd, client, data)
-        if reason:
-            log.warning("round %d: %s dropped: %s", rnd, client_name(client), reason)
-        return update
-
-
-def check_uplink(method: Method, chain: Chain, rnd: int, client: int, data: bytes) -> tuple[ClientUpdate | None, str]:
-    """Decode and validate one client's uplink before it may touch the global
-    state: (the update, "") or (None, why it is rejected)."""
-    try:
-        up = wire.decode(data, keep_sparse=True)
-    except wire.PayloadError as exc:
-        return None, f"malformed payload: {exc}"
-    if (up.method, up.round, up.client) != (method.name, rnd, client_name(client)):
-        return None, f"header says {up.method} round {up.round} from {up.client!r}"
-    if up.codec != chain.specs:
-        return None, f"codec chain {list(up.codec)}, configured {list(chain.specs)}"
-    # A lossy uplink holds changes against what the client was sent.
-    reference = method.server_downlink(client) if chain.lossy else {}
-    update = ClientUpdate(client, up.tensors, up.num_examples, reference)
-    reason = method.server_check(update)
-    return (None, reason) if reason else (update, "")
+            return None, {}, Rejection(expected.client, "failed", reply.error.reason)
+        payload = reply.content[RECORD].get("payload") if RECORD in reply.content else None
+        size = len(payload) if isinstance(payload, bytes) else 0
+        self.ledger.record(Transfer(rnd, client_name(expected.client), "up", size, content_bytes(reply.content)))
+        return validate_reply(reply, expected)
 
 
 def collect(grid: Grid, messages: list[Message], timeout: float, on_reply: Callable[[], None] = lambda: None

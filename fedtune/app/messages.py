@@ -28,11 +28,12 @@ def enrollment_reply(msg: Message, client_name: str, partition_id: int, histogra
 class TrainRequest:
     payload: bytes
     round: int
+    seed: int  # the client's job seed this round: its batches, dropout, FedKSeed's seed draws
     local_steps: int = 0  # > 0: fewer than train.local_steps (a partial straggler's share)
 
 
 def train_content(request: TrainRequest) -> RecordDict:
-    record = {"payload": request.payload, "round": request.round}
+    record = {"payload": request.payload, "round": request.round, "seed": request.seed}
     if request.local_steps:
         record["local_steps"] = request.local_steps
     return RecordDict({RECORD: ConfigRecord(record)})
@@ -40,7 +41,7 @@ def train_content(request: TrainRequest) -> RecordDict:
 
 def read_train(msg: Message) -> TrainRequest:
     record = msg.content[RECORD]
-    return TrainRequest(record["payload"], int(record["round"]), int(record.get("local_steps", 0)))
+    return TrainRequest(record["payload"], int(record["round"]), int(record["seed"]), int(record.get("local_steps", 0)))
 
 
 def train_reply(msg: Message, payload: bytes, metrics: dict[str, float]) -> Message:

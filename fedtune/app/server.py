@@ -12,6 +12,7 @@ holds no algorithm (docs/architecture.md).
 from __future__ import annotations
 
 import logging
+import math
 import shlex
 import shutil
 import time
@@ -26,6 +27,7 @@ from tqdm import tqdm
 from fedtune import checkpoint
 from fedtune.app.enrollment import enroll
 from fedtune.app.exchange import Exchange, RoundOutcome
+from fedtune.clients import client_name
 from fedtune.codecs.link import Codecs
 from fedtune.config import RunConfig, from_dict, load_config
 from fedtune.data import TextDataset, majority_class_accuracy
@@ -35,14 +37,16 @@ from fedtune.hardware.fleet import Fleet
 from fedtune.methods.base import Method
 from fedtune.methods.registry import get_method, method_class
 from fedtune.models import Classifier
+from fedtune.privacy import secrets
 from fedtune.privacy.factory import server_privacy
 from fedtune.privacy.policy import PrivacyPolicy
 from fedtune.report.recorder import Recorder
-from fedtune.report.rows import RunSummary
+from fedtune.report.rows import Dropped, RunSummary
 from fedtune.report.run_dir import create_run_dir, finish
-from fedtune.rounds.participation import Participation
-from fedtune.task import load_model, load_splits
-from fedtune.training import evaluate
+from fedtune.rounds.participation import Participation, Sampler
+from fedtune.rounds.robust import Robustness
+from fedtune.task import client_partitions, load_model, load_splits
+from fedtune.training import EvalResult, evaluate
 
 ADAPTER = "adapter"  # the exported global model, inside the run directory
 log = logging.getLogger("fedtune")
@@ -73,20 +77,23 @@ class Server:
     def play(self, rnd: int, bar: tqdm) -> str | None:
         """One round; returns why the run stops before it, or None. Too few valid
         updates: sample and train again, up to round_retries times, then skip."""
-        fed = self.config.federation
-        for attempt in range(fed.round_retries + 1):
+        fed, outcomes = self.config.federation, []
+        tries = 1 if self.privacy.releases_every_round else fed.round_retries + 1
+        for attempt in range(tries):
             cohort = self.exchange.participation.cohort(rnd, attempt)
             if reason := self.privacy.refuses(cohort):
                 return f"stopped before round {rnd} to stay within the privacy budget: {reason}"
-            outcome = self.exchange.train_round(rnd, cohort, lambda: bar.update(1))
+            outcomes.append(self.exchange.train_round(rnd, cohort, lambda: bar.update(1)))
             self.privacy.charge(cohort)  # they trained, whatever became of their updates
-            if enough := len(outcome.updates) >= fed.min_replies:
+            if enough := len(outcomes[-1].updates) >= fed.min_replies or self.privacy.releases_every_round:
                 break
-            tqdm.write(f"round {rnd}: {len(outcome.updates)} valid update(s), fewer than federation.min_replies="
-                       f"{fed.min_replies}; " + ("retrying" if attempt < fed.round_retries else "round skipped, the model is unchanged"))
+            tqdm.write(f"round {rnd}: {len(outcomes[-1].updates)} valid update(s), fewer than federation.min_replies="
+                       f"{fed.min_replies}; " + ("retrying" if attempt + 1 < tries else "round skipped, the model is unchanged"))
+        updates = outcomes[-1].updates
         if enough:
-            self.method.server_aggregate(outcome.updates, self.privacy.release(outcome.updates, rnd))
-        self.recorder.record(rnd, self._evaluate(), **_round_fields(outcome), skipped=not enough, epsilon=self.privacy.epsilon())
+            release = self.privacy.release(updates, rnd, self.exchange.participation.expected_cohort())
+            self.method.server_aggregate(updates, self.exchange.robustness.rule(release))
+        self.recorder.record(rnd, self._evaluate(), **_round_fields(outcomes), skipped=not enough, epsilon=self.privacy.epsilon())
         self._checkpoint(rnd)
         return None
 
@@ -98,7 +105,7 @@ class Server:
         finish(self.run_dir, self.recorder.rows, summary)
         return summary
 
-    def _evaluate(self):
+    def _evaluate(self) -> EvalResult:
         return evaluate(self.method.server_model(), self.classifier, self.test, self.config.train.eval_batch_size)
 
     def _checkpoint(self, rnd: int) -> None:
@@ -107,6 +114,7 @@ class Server:
             "method": self.method.server_state(),
             "privacy": self.privacy.state(),
             "participation": self.exchange.participation.state(),
+            "root": self.exchange.root,
             "wall_time_s": self.recorder.wall_time(),
         })
 
@@ -120,10 +128,12 @@ def serve(grid: Grid, config: RunConfig, run_dir: Path, resume: bool = False) ->
     per_round = config.federation.clients_per_round or config.partition.num_clients
     bar = tqdm(total=(config.run.rounds - first + 1) * per_round, desc="client rounds", unit="client", leave=False)
     stopped = None
-    for rnd in range(first, config.run.rounds + 1):
-        if stopped := server.play(rnd, bar):
-            break
-    bar.close()
+    try:  # closed however the rounds end: a Ctrl-C must not leave half a bar before the CLI's message
+        for rnd in range(first, config.run.rounds + 1):
+            if stopped := server.play(rnd, bar):
+                break
+    finally:
+        bar.close()
     return server.finish(stopped)
 
 
@@ -131,40 +141,54 @@ def compose(grid: Grid, config: RunConfig, run_dir: Path, saved: dict | None) ->
     """Every policy of the run, chosen once from the config, and the clients enrolled."""
     train, test = load_splits(config)
     classifier = load_model(config)
-    participation, config = _participation(config, classifier)
+    examples = {c: len(p) for c, p in enumerate(client_partitions(config))}  # the server's own count, not the clients'
+    root = saved["root"] if saved else secrets.server_root(run_dir, config)
+    privacy = server_privacy(config, examples, root)
+    participation, config = _participation(config, classifier, privacy.sampler())
     method = get_method(config)
+    method.check(classifier)
     method.server_init(classifier)
-    enrolled = enroll(grid, config, train.label_names)
-    privacy = server_privacy(config, enrolled.sizes)
+    nodes = enroll(grid, config, train.label_names, examples)
+    if line := privacy.describe():
+        print(line, flush=True)
     privacy.check_first_round()
     recorder = Recorder(run_dir, majority_class_accuracy(train.labels, test.labels),
                         saved["round"] if saved else None, saved["wall_time_s"] if saved else 0.0)
-    exchange = Exchange(grid, config, method, enrolled.nodes, Codecs.of(config), participation, recorder.ledger)
+    exchange = Exchange(grid, config, method, nodes, examples, root, Codecs.of(config), participation,
+                        Robustness(config.federation, privacy.update_bound()), recorder.ledger)
     return Server(config, run_dir, method, classifier, test, exchange, privacy, recorder)
 
 
-def _participation(config: RunConfig, classifier: Classifier) -> tuple[Participation, RunConfig]:
-    """Every client every round, or the simulated fleet ([hardware]), with the config
-    it plans (the ranks clients train, where it picks them)."""
+def _participation(config: RunConfig, classifier: Classifier, sampler: Sampler) -> tuple[Participation, RunConfig]:
+    """Every client a candidate every round, or the simulated fleet ([hardware]), with
+    the config it plans (the ranks clients train, where it picks them)."""
     if not config.hardware.modelled:
-        clients = list(range(config.partition.num_clients))
-        return Participation(clients, config.federation.clients_per_round or len(clients), config.run.seed,
-                             config.train.local_steps), config
-    fleet = Fleet(config, classifier, method_class(config.federation.method))
+        return Participation(list(range(config.partition.num_clients)), sampler, config.train.local_steps), config
+    fleet = Fleet(config, classifier, method_class(config.federation.method), sampler)
     print(fleet.describe(), flush=True)
     return fleet, fleet.planned(config)
 
 
-def _round_fields(outcome: RoundOutcome) -> dict[str, object]:
-    """What a round's row says of its exchange (nothing of training if no valid uplink came)."""
-    if not outcome.losses:
-        return {"hardware": outcome.hardware}
-    return {
-        "aggregated": len(outcome.updates),
-        "train_loss": float(np.mean(outcome.losses)),
-        "round_train_time_s": outcome.round_train_time_s,
-        "client_train_time_s": outcome.client_train_time_s,
-        "hardware": outcome.hardware,
+def _round_fields(outcomes: list[RoundOutcome]) -> dict[str, object]:
+    """What a round's row says of its exchanges (every attempt's drops, the last
+    attempt's training; nothing of training if no valid uplink came)."""
+    last, rejections = outcomes[-1], [r for o in outcomes for r in o.rejections]
+    stages = sorted({r.stage for r in rejections})
+    fields = {
+        "sampled": sum(o.sampled for o in outcomes),
+        "attempts": len(outcomes) if len(outcomes) > 1 else None,
+        "rejected": {s: sum(r.stage == s for r in rejections) for s in stages} or None,
+        "dropped": [Dropped(client_name(r.client), r.stage, r.reason) for r in rejections] or None,
+        "hardware": last.hardware,
+    }
+    if not last.losses:
+        return fields
+    trained = [loss for loss in last.losses if math.isfinite(loss)]  # a client that took no step has none
+    return fields | {
+        "aggregated": len(last.updates),
+        "train_loss": float(np.mean(trained)) if trained else None,
+        "round_train_time_s": last.round_train_time_s,
+        "client_train_time_s": last.client_train_time_s,
     }
 
 

@@ -8,11 +8,11 @@ from dataclasses import dataclass
 
 import torch
 
+from fedtune import wire
 from fedtune.codecs.delta import relative
 from fedtune.codecs.spec import Chain, parse_chain
 from fedtune.codecs.tensor import TensorDict
 from fedtune.config import RunConfig
-from fedtune import wire
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,14 @@ A certificate directory holds:
 
 Keys are EC P-384: Flower's node authentication takes NIST curves, and one curve
 for everything keeps the directory simple. Private keys are written mode 0600.
+
+That directory is the signer's: it never leaves the machine that signs. `export`
+copies out what each party needs, one directory each, and no other private key:
+
+    superlink/          ca.pem, server.pem, server.key         the SuperLink
+    public/             ca.pem, nodes/NAME.pub                 who registers keys or calls the
+                                                               Control/Runtime API
+    nodes/NAME/         ca.pem, NAME                           SuperNode NAME
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+import pwd
 from pathlib import Path
 
 from cryptography import x509
@@ -30,6 +39,7 @@ from fedtune.errors import FedtuneError
 CA, CA_KEY = "ca.pem", "ca.key"
 SERVER, SERVER_KEY = "server.pem", "server.key"
 NODES = "nodes"
+SUPERLINK_BUNDLE, PUBLIC_BUNDLE = "superlink", "public"  # directories of `export`
 LOOPBACK = ["localhost", "127.0.0.1", "::1"]
 CURVE = ec.SECP384R1()
 
@@ -63,6 +73,48 @@ def create_node_key(directory: Path, name: str) -> list[Path]:
     _write_private(directory / name, private)
     (directory / f"{name}.pub").write_bytes(public + f" {name}\n".encode())
     return [directory / name, directory / f"{name}.pub"]
+
+
+def export(certs_dir: Path, dest: Path, owner: str | None = None) -> list[Path]:
+    """Copy into ``dest`` each party's files (the module's docstring), afresh each
+    time so a reissued certificate reaches them; ``ca.key`` is never copied.
+    ``owner``: give every copy to this user, for a signer running as root (compose's
+    ``certs`` service, whose volumes Docker creates owned by root). Returns the copies."""
+    check_server(certs_dir)
+    ca, nodes = certs_dir / CA, certs_dir / NODES
+    superlink, public = dest / SUPERLINK_BUNDLE, dest / PUBLIC_BUNDLE
+    copies = [  # (source, copy, private)
+        (ca, superlink / CA, False), (certs_dir / SERVER, superlink / SERVER, False),
+        (certs_dir / SERVER_KEY, superlink / SERVER_KEY, True), (ca, public / CA, False),
+        *((pub, public / NODES / pub.name, False) for pub in sorted(nodes.glob("*.pub"))),
+    ]
+    for key in sorted(p for p in nodes.glob("*") if p.is_file() and p.suffix != ".pub"):
+        copies += [(ca, dest / NODES / key.name / CA, False), (key, dest / NODES / key.name / key.name, True)]
+    ids = _user_ids(owner) if owner else None
+    for source, copy, private in copies:
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        if private:
+            _write_private(copy, source.read_bytes())
+        else:
+            copy.write_bytes(source.read_bytes())
+        if ids:
+            _chown(copy, owner, ids)
+    return [copy for _, copy, _ in copies]
+
+
+def _user_ids(user: str) -> tuple[int, int]:
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        raise FedtuneError(f"no user {user!r} here to give the exported files to") from None
+    return entry.pw_uid, entry.pw_gid
+
+
+def _chown(path: Path, user: str, ids: tuple[int, int]) -> None:
+    try:
+        os.chown(path, *ids)
+    except PermissionError:
+        raise FedtuneError(f"cannot give {path} to {user}: only root can (drop --owner to keep the files yours)") from None
 
 
 def _write_ca(certs_dir: Path, days: int) -> list[Path]:

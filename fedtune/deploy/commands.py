@@ -15,12 +15,20 @@ from fedtune.deploy.flwr_cli import FlwrCli
 from fedtune.deploy.local import LocalFederation
 from fedtune.deploy.submit import run_to_end
 from fedtune.deploy.topology import node_config, stop_on_sigterm
+from fedtune.errors import FedtuneError
 from fedtune.hardware.profiles import device_names
 
 
 def certs_create(args: argparse.Namespace) -> int:
+    if args.owner and not args.export:
+        raise FedtuneError("--owner gives the exported files to a user: add --export DIR")
     written = certs.create(args.dir, [f"node-{i}" for i in range(args.nodes)], args.san, args.days)
     print("\n".join(f"wrote {path}" for path in written) or f"{args.dir} is complete; nothing written")
+    if args.export:
+        by_dir: dict[Path, list[str]] = {}
+        for path in certs.export(args.dir, args.export, args.owner):
+            by_dir.setdefault(path.parent, []).append(path.name)
+        print("\n".join(f"exported {d}: {' '.join(names)}" for d, names in by_dir.items()))
     return 0
 
 
@@ -32,15 +40,25 @@ def certs_node(args: argparse.Namespace) -> int:
 
 
 def certs_register(args: argparse.Namespace) -> int:
+    keys = [key for path in args.keys for key in _public_keys(path)]
     with _flwr(args) as flwr:
-        for key in args.keys:
+        for key in keys:
             flwr.register(key)
             print(f"registered {key}")
     return 0
 
 
+def _public_keys(path: Path) -> list[Path]:
+    """``path``, or every NAME.pub in the directory ``path``."""
+    if not path.is_dir():
+        return [path]
+    if not (keys := sorted(path.glob("*.pub"))):
+        raise FedtuneError(f"{path} holds no public key (NAME.pub) to register")
+    return keys
+
+
 def deploy_superlink(args: argparse.Namespace) -> int:
-    services.run_superlink(args.certs, args.state, args.host, args.port, args.fleet_port,
+    services.run_superlink(args.certs, args.state, args.control_address, args.fleet_address,
                            "process" if args.separate_serverapp else "subprocess")
     return 0  # not reached: the SuperLink replaced this process
 

@@ -11,18 +11,25 @@ from pathlib import Path
 
 from fedtune.deploy import certs, probe
 from fedtune.deploy.flwr_cli import flower_env
-from fedtune.deploy.topology import Processes, stop_on_sigterm, superlink_command, supernode_command, worker_command
+from fedtune.deploy.topology import (
+    Processes,
+    stop_on_sigterm,
+    superlink_command,
+    supernode_command,
+    worker_command,
+)
 from fedtune.errors import FedtuneError
 
 REFUSED = "Failed to activate SuperNode"  # Flower's log line when the SuperLink rejects a node's key
 
 
-def run_superlink(certs_dir: Path, state: Path, host: str, http_port: int, fleet_port: int, isolation: str) -> None:
-    """Check the server's certificates, then become the SuperLink (exec: signals
-    from the container runtime reach it directly)."""
+def run_superlink(certs_dir: Path, state: Path, control: str, fleet: str, isolation: str) -> None:
+    """Check the server's certificates and the HOST:PORT addresses of its Control
+    (and Runtime) API and Fleet API, then become the SuperLink (exec: signals from
+    the container runtime reach it directly)."""
     certs.check_server(certs_dir)
+    command = superlink_command(certs_dir, state / "superlink.db", control, fleet, isolation)
     state.mkdir(parents=True, exist_ok=True)
-    command = superlink_command(certs_dir, state / "superlink.db", host, http_port, fleet_port, isolation)
     os.execve(command[0], command, flower_env(state / "flwr-home"))
 
 

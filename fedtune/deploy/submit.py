@@ -51,6 +51,6 @@ def run_to_end(flwr: FlwrCli, run_dir: Path, resume: bool = False, alive: Callab
 def _print_new_rounds(run_dir: Path, shown: int) -> int:
     """Print the rows of metrics.jsonl after round ``shown``; returns the last round printed."""
     for row in read_rows(run_dir, after=shown):
-        print(format_round(row), flush=True)
+        print(format_round(row, dropped=True), flush=True)  # the ServerApp's log is elsewhere
         shown = row.round
     return shown

@@ -3,7 +3,8 @@
 container), so both run the very same flags:
 
     SuperLink   Fleet API over gRPC with TLS and SuperNode authentication, its
-                Control and Runtime APIs over HTTPS, state in a SQLite file
+                Control and Runtime APIs over HTTPS (no authentication: never
+                on a public address), state in a SQLite file
     SuperNode   per edge client: its node key, node config (partition-id, device),
                 and `--isolation process`, served by
     worker      a long-running ClientApp process (fedtune.deploy.worker)
@@ -24,18 +25,23 @@ from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
-from fedtune.deploy import certs
+from fedtune.deploy import certs, probe
 from fedtune.deploy.flwr_cli import BIN
 from fedtune.errors import FedtuneError
 
 PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
-def superlink_command(certs_dir: Path, database: Path | None, host: str, http_port: int, fleet_port: int,
+def superlink_command(certs_dir: Path, database: Path | None, control: str, fleet: str,
                       isolation: str = "subprocess") -> list[str]:
-    """``isolation`` 'subprocess': the SuperLink starts each run's ServerApp itself;
+    """``control``: HOST:PORT of the Control and Runtime APIs, which Flower 1.39
+    serves on one unauthenticated HTTPS listener (its --host/--port; its
+    --control-api-address is a deprecated gRPC leftover); ``fleet``: the Fleet API's.
+    ``isolation`` 'subprocess': the SuperLink starts each run's ServerApp itself;
     'process': a separate `flower-superexec` does (compose's serverapp service).
     ``database`` None: state in memory, gone with the process."""
+    host, port = probe.split_address(control)
+    probe.split_address(fleet)  # a malformed address is one line here, not Flower's traceback
     return [
         str(BIN / "flower-superlink"),
         "--ssl-ca-certfile", str(certs_dir / certs.CA),
@@ -45,8 +51,8 @@ def superlink_command(certs_dir: Path, database: Path | None, host: str, http_po
         "--isolation", isolation,
         "--disable-runtime-dependency-installation",
         *(["--database", str(database)] if database else []),
-        "--host", host, "--port", str(http_port),
-        "--fleet-api-address", f"{host}:{fleet_port}",
+        "--host", host, "--port", str(port),
+        "--fleet-api-address", fleet,
     ]
 
 
@@ -70,8 +76,11 @@ def node_config(partition_id: int, device: str = "") -> dict[str, int | str]:
     return {"partition-id": partition_id, **({"device": device} if device else {})}
 
 
-def worker_command(port: int) -> list[str]:
-    return [sys.executable, "-m", "fedtune.deploy.worker", "--runtime-api-address", f"127.0.0.1:{port}"]
+def worker_command(port: int, app: str | None = None) -> list[str]:
+    """The ClientApp worker of the SuperNode whose Runtime API is on ``port``;
+    ``app``: another ClientApp than fedtune's (MODULE:NAME)."""
+    return [sys.executable, "-m", "fedtune.deploy.worker", "--runtime-api-address", f"127.0.0.1:{port}",
+            *(["--app", app] if app else [])]
 
 
 def free_port() -> int:

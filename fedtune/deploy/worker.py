@@ -20,37 +20,46 @@ the Context the SuperNode hands over with each task, never in this process.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import time
 
 import httpx
 from flwr.app import Message
 from flwr.app.error import Error
+from flwr.clientapp import ClientApp
 from flwr.common.config import get_fab_config
 from flwr.common.constant import ErrorCode, SubStatus
 from flwr.proto.runtime_pb2 import AcquireTaskRequest, SendTaskHeartbeatRequest  # pylint: disable=E0611
 from flwr.supercore.constant import TaskType
 from flwr.supercore.heartbeat import HeartbeatSender
-from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+from flwr.supercore.interceptors import (
+    RuntimeTokenHttpInterceptor,
+    RuntimeVersionHttpInterceptor,
+)
 from flwr.supercore.retry import make_simple_http_retry_invoker
 from flwr.supercore.runtime import RuntimeHttpClient
-from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+from flwr.supernode.runtime.run_clientapp import (
+    pull_task_input,
+    push_message,
+    push_task_output,
+)
 
-from fedtune.app.client import app
+from fedtune.environment import configure_process
 
 CLIENT_APP = "fedtune.app.client:app"
 log = logging.getLogger("fedtune.worker")
 
 
-def serve(runtime_api_address: str, poll_s: float = 0.5) -> None:
-    """Acquire and run the SuperNode's ClientApp tasks, one at a time, forever."""
+def serve(runtime_api_address: str, app: ClientApp, poll_s: float = 0.5) -> None:
+    """Acquire and run the SuperNode's ClientApp tasks with ``app``, one at a time, forever."""
     acquirer = _client(runtime_api_address, RuntimeVersionHttpInterceptor(component_name="SuperExec"))
     request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
     while True:
         reply = acquirer.AcquireTask(request)  # fails, ending this process, only when the SuperNode is gone
         if reply.HasField("task") and reply.token:
             try:
-                run_task(runtime_api_address, reply.token)
+                run_task(runtime_api_address, reply.token, app)
             # One task's trouble must not end the worker: e.g. its run was stopped meanwhile,
             # or Flower's HTTP retry, refused the task's token, interrupted this process (SIGINT).
             except (Exception, KeyboardInterrupt):
@@ -59,7 +68,7 @@ def serve(runtime_api_address: str, poll_s: float = 0.5) -> None:
             time.sleep(poll_s)
 
 
-def run_task(runtime_api_address: str, token: str) -> None:
+def run_task(runtime_api_address: str, token: str, app: ClientApp) -> None:
     """One task, as `flwr-clientapp` runs it: pull message and context, call the
     app, push the reply (an error reply if the app raised) and the context."""
     client = _client(runtime_api_address, RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
@@ -109,9 +118,13 @@ def _beat(client: RuntimeHttpClient) -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser(description="fedtune's long-running ClientApp process for one SuperNode")
     parser.add_argument("--runtime-api-address", required=True, help="the SuperNode's Runtime API (its --port)")
+    parser.add_argument("--app", default=CLIENT_APP, metavar="MODULE:NAME",
+                        help="the ClientApp object to serve runs of fedtune's app with (tests plant a hostile one)")
     args = parser.parse_args()
+    configure_process()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    serve(args.runtime_api_address)
+    module, _, name = args.app.partition(":")
+    serve(args.runtime_api_address, getattr(importlib.import_module(module), name))
 
 
 if __name__ == "__main__":

@@ -9,25 +9,25 @@ import dataclasses
 import logging
 import math
 
+from fedtune.clients import client_name
 from fedtune.config import RunConfig
 from fedtune.hardware.catalogue import DeviceProfile
 from fedtune.hardware.cost import ModelShape, compute_seconds, transfer_seconds
 from fedtune.hardware.planner import Plan, plan_client
 from fedtune.hardware.profiles import assign_devices
 from fedtune.hardware.schedule import ClientTime, available, failures, round_seconds
-from fedtune.clients import client_name
 from fedtune.methods.base import Method
 from fedtune.models import Classifier
 from fedtune.report.rows import HardwareRow
-from fedtune.rounds.participation import ClientReport, Participation
+from fedtune.rounds.participation import ClientReport, Participation, Sampler
 
 log = logging.getLogger("fedtune")
 
 
 class Fleet(Participation):
-    def __init__(self, config: RunConfig, classifier: Classifier, method: type[Method]) -> None:
+    def __init__(self, config: RunConfig, classifier: Classifier, method: type[Method], sampler: Sampler) -> None:
         clients = list(range(config.partition.num_clients))  # partition ids
-        super().__init__(clients, config.federation.clients_per_round or len(clients), config.run.seed, config.train.local_steps)
+        super().__init__(clients, sampler, config.train.local_steps)
         self.config, self.method = config, method
         self.kind = method.kind
         self.devices: dict[int, DeviceProfile] = dict(zip(clients, assign_devices(config.hardware, len(clients), config.run.seed)))
@@ -79,6 +79,10 @@ class Fleet(Participation):
             if p.kind != self.kind:
                 reasons[c] = p.reason or f"{p.device.name} runs {p.kind.replace('_', '-')} only"
         return reasons
+
+    def expected_cohort(self) -> float:
+        """Over the clients the method can run on, each available as often as its device is."""
+        return self.sampler.expected(sum(self.devices[c].availability for c in self.eligible()))
 
     def candidates(self, rnd: int) -> list[int]:
         """Eligible clients whose devices are available this round. Availability is

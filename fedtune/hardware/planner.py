@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fedtune.config import RunConfig
-from fedtune.hardware.cost import ModelShape, peak_memory
 from fedtune.hardware.catalogue import DeviceProfile
+from fedtune.hardware.cost import ModelShape, peak_memory
 from fedtune.methods.base import Footprint
 
 
@@ -36,7 +36,7 @@ def plan_client(config: RunConfig, kind: str, shape: ModelShape, device: DeviceP
         return Plan(device, "excluded", memory=need, reason=_short(device, need, "zeroth-order tuning"))
     ranks = sorted(config.hardware.rank_choices, reverse=True) if config.hardware.plan_ranks else [config.lora.rank]
     for rank in ranks:
-        need = peak_memory(shape, "adapter", batch, context, footprint.trained_params[rank])
+        need = peak_memory(shape, "adapter", config.train.physical_batch, context, footprint.trained_params[rank])
         if need <= device.memory:
             return Plan(device, "adapter", rank, need)
     inference = peak_memory(shape, "zeroth_order", batch, context, tuned_params)

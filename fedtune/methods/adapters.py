@@ -66,6 +66,21 @@ def lora_layers(model: PeftModel) -> dict[str, LoraLayer]:
     return {n.removeprefix(PREFIX): m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
 
 
+def check_ranks(config: RunConfig, model: PeftModel) -> None:
+    """Refuse every configured rank above the smaller side of a layer ``model``
+    adapts: B A there has rank at most that, so a larger rank adds only parameters
+    and time (and leaves Fed-SB's truncated SVD short of rows)."""
+    path, layer = min(lora_layers(model).items(), key=lambda item: min(item[1].in_features, item[1].out_features))
+    limit = min(layer.in_features, layer.out_features)
+    named: dict[str, int | list[int]] = {"lora.rank": config.lora.rank, "flora.client_ranks": config.flora.client_ranks}
+    if config.hardware.plan_ranks:
+        named["hardware.rank_choices"] = config.hardware.rank_choices
+    for key, value in named.items():
+        if max(value if isinstance(value, list) else [value], default=0) > limit:
+            raise FedtuneError(f"config key {key} must be at most {limit}, the smaller side of adapted layer {path} "
+                               f"({layer.out_features} x {layer.in_features}), got {value!r}")
+
+
 @contextmanager
 def temporarily_wrapped(classifier: Classifier, cfg: LoraSection, seed: int) -> Iterator[PeftModel]:
     """The classifier wrapped with LoRA inside the block and unwrapped after it: for

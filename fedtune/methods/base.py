@@ -10,8 +10,8 @@ share state: the server half runs in the ServerApp, the client half in a ClientA
 from __future__ import annotations
 
 import dataclasses
+import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
@@ -24,7 +24,7 @@ from fedtune.codecs.spec import parse_chain
 from fedtune.config import RunConfig
 from fedtune.data import TextDataset
 from fedtune.errors import FedtuneError
-from fedtune.methods.adapters import adapter_footprint, temporarily_wrapped
+from fedtune.methods.adapters import adapter_footprint, check_ranks, temporarily_wrapped
 from fedtune.models import Classifier
 from fedtune.privacy.dp_sgd import DPSGD
 from fedtune.privacy.mechanism import clip_update
@@ -79,6 +79,33 @@ class ClientUpdate:
 
 
 @dataclass(frozen=True)
+class TensorSpec:
+    """What one uplink tensor must be: its dtype and shape, or for a ``variable``
+    tensor, 1-d with at most ``shape[0]`` entries (FedKSeed's per-step pairs)."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    variable: bool = False
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def admits(self, dtype: torch.dtype, shape: tuple[int, ...]) -> bool:
+        if dtype != self.dtype:
+            return False
+        if self.variable:
+            return len(shape) == 1 and 0 <= shape[0] <= self.shape[0]
+        return shape == self.shape
+
+    def describe(self) -> str:
+        return f"{self.dtype} {'1-d of at most ' if self.variable else ''}{self.shape}"
+
+
+UplinkSpec = dict[str, TensorSpec]
+
+
+@dataclass(frozen=True)
 class Footprint:
     """What the hardware planner needs of a method: the parameters it trains at each
     LoRA rank, and the largest tensor a zeroth-order step perturbs."""
@@ -102,8 +129,16 @@ class Method(ABC):
     lossy_downlink: ClassVar[bool] = True
     # Whether clients can add shares of client-level DP noise (privacy.noise_on "clients").
     noise_shares: ClassVar[bool] = True
+    # Whether the server stacks the clients' tensors side by side rather than
+    # averaging them: then no robust rule applies, and each client's are released alone.
+    stacks_clients: ClassVar[bool] = False
 
     def __init__(self, config: RunConfig) -> None:
+        if config.federation.aggregator != "mean" and self.stacks_clients:
+            raise FedtuneError(
+                f"federation.aggregator {config.federation.aggregator!r} combines averaged tensors coordinate by "
+                f"coordinate, but federation.method {self.name!r} stacks each client's tensors; use aggregator 'mean'"
+            )
         if config.hardware.plan_ranks and not self.heterogeneous_ranks:
             raise FedtuneError(
                 f"hardware.plan_ranks gives each client its own rank, but federation.method {self.name!r} "
@@ -142,11 +177,11 @@ class Method(ABC):
         return dataclasses.replace(result, tensors=clip_update(result.tensors, result.start, bound)[0])
 
     def check(self, classifier: Classifier) -> None:
-        """Raise, without server_init's cost, the one-line error server_init would
-        raise for a user's mistake (the CLI's preflight): by default, that LoRA fits
-        the model."""
-        with temporarily_wrapped(classifier, self.config.lora, self.config.run.seed):
-            pass
+        """Raise, before server_init and without its cost, the one-line error a user's
+        mistake would meet later (the CLI's preflight, the ServerApp): by default,
+        that LoRA fits the model at every configured rank."""
+        with temporarily_wrapped(classifier, self.config.lora, self.config.run.seed) as peft:
+            check_ranks(self.config, peft)
 
     # -- server half ---------------------------------------------------------
     @abstractmethod
@@ -162,42 +197,27 @@ class Method(ABC):
         """Fold one round's updates (sorted by client) into the global state, with
         the weights and noise of ``release``."""
 
-    def released_alone(self, name: str) -> bool:
-        """Whether tensor ``name`` of each client is released on its own rather than
-        in a sum over clients, so that its DP noise cannot be shared (FLoRA's factors)."""
-        return False
-
     def uplink_template(self, client: int) -> TensorDict:
         """Tensors with the names, shapes and dtypes ``client`` must send (values
         unused). By default: what it was sent."""
         return self.server_downlink(client)
 
-    def server_check(self, update: ClientUpdate) -> str | None:
-        """Why ``update`` must not be aggregated, or None if it may: it must match
-        the uplink template, be finite, come from at least one example, and change
-        the template's values (what the client was sent) by at most
-        federation.max_update_norm."""
-        expected = self.uplink_template(update.client)
-        if update.tensors.keys() != expected.keys():
-            return f"tensor names differ from the {len(expected)} sent (got {len(update.tensors)})"
-        for name, t in update.tensors.items():
-            if t.shape != expected[name].shape or t.dtype != expected[name].dtype:
-                return f"{name}: {t.dtype} {tuple(t.shape)}, expected {expected[name].dtype} {tuple(expected[name].shape)}"
-            if not torch.isfinite(t.coalesce().values() if t.is_sparse else t).all():
-                return f"{name}: non-finite values"
-        if update.num_examples < 1:
-            return "num_examples is 0"
-        return self.check_norm(lambda: sum(
-            float((update.dense(n) - expected[n]).double().square().sum()) for n, t in update.tensors.items() if t.is_floating_point()
-        ))
+    def uplink_spec(self, client: int) -> UplinkSpec:
+        """What ``client`` must send, checked before anything is decoded: by default
+        the names, dtypes and shapes of its uplink template."""
+        return {n: TensorSpec(t.dtype, tuple(t.shape)) for n, t in self.uplink_template(client).items()}
 
-    def check_norm(self, squared_norm: Callable[[], float]) -> str | None:
-        """Why an update whose squared norm ``squared_norm()`` gives is too large;
-        computed only when federation.max_update_norm is set (it densifies sparse updates)."""
-        bound = self.config.federation.max_update_norm
-        if bound and not (value := squared_norm()) <= bound**2:  # "not <=" also catches inf and nan
-            return f"update norm {value ** 0.5:.4g} exceeds federation.max_update_norm={bound}"
+    def check_update(self, update: ClientUpdate) -> str | None:
+        """Why the values of a well-formed, finite update are still not acceptable, or None."""
         return None
+
+    def update_norm(self, update: ClientUpdate) -> float:
+        """L2 norm of the update: its change from the template's values (what the
+        client was sent), over its float tensors taken as one vector."""
+        template = self.uplink_template(update.client)
+        return math.sqrt(sum(
+            float((update.dense(n) - template[n]).double().square().sum()) for n, t in update.tensors.items() if t.is_floating_point()
+        ))
 
     @abstractmethod
     def server_state(self) -> dict[str, object]:

@@ -69,8 +69,7 @@ class FedSB(AveragedAdapter):
 
     def check(self, classifier: Classifier) -> None:
         server_data(self.config, self.config.fed_sb.calibration_size)
-        with temporarily_wrapped(classifier, self.config.lora, self.config.run.seed) as peft:
-            _check_rank(peft, self.config.lora.rank)
+        super().check(classifier)
 
     # -- server ----------------------------------------------------------------
     def server_init(self, classifier: Classifier) -> None:
@@ -120,14 +119,13 @@ def _bases_from_first_update(classifier: Classifier, data: TextDataset, config: 
     first step also has the factor lr, which changes no singular vector.)"""
     rank = config.lora.rank
     with temporarily_wrapped(classifier, config.lora, config.run.seed) as peft:
-        _check_rank(peft, rank)
         weights = {path: layer.base_layer.weight for path, layer in lora_layers(peft).items()}
         for p in peft.parameters():
             p.requires_grad_(False)
         try:
             for w in weights.values():
                 w.requires_grad_(True)
-            batch = config.train.batch_size
+            batch = config.train.physical_batch  # summed: the chunking bounds memory only
             for start in range(0, len(data), batch):  # eval mode: no dropout, the same bases every time
                 logits = peft(**classifier.encode(data.texts[start : start + batch])).logits
                 F.cross_entropy(logits, torch.as_tensor(data.labels[start : start + batch]), reduction="sum").backward()
@@ -141,9 +139,3 @@ def _bases_from_first_update(classifier: Classifier, data: TextDataset, config: 
         w.grad = None
     return bases
 
-
-def _check_rank(peft: PeftModel, rank: int) -> None:
-    """The SVD gives at most min(out, in) singular vectors per layer."""
-    for path, layer in lora_layers(peft).items():
-        if min(layer.base_layer.weight.shape) < rank:
-            raise FedtuneError(f"lora.rank {rank} exceeds the smaller side of layer {path} {tuple(layer.base_layer.weight.shape)}")

@@ -34,7 +34,14 @@ from torch import nn
 from fedtune import zeroth_order as zo
 from fedtune.errors import FedtuneError
 from fedtune.methods.adapters import lora_layers, temporarily_wrapped
-from fedtune.methods.base import ClientJob, ClientUpdate, LocalResult, Method
+from fedtune.methods.base import (
+    ClientJob,
+    ClientUpdate,
+    LocalResult,
+    Method,
+    TensorSpec,
+    UplinkSpec,
+)
 from fedtune.methods.replay import RoundLog, catch_up
 from fedtune.models import Classifier, export_info
 from fedtune.rounds.release import Release
@@ -103,28 +110,36 @@ class FedKSeed(Method):
             down[PROBS] = torch.round(normalised * 255).to(torch.uint8)
         return down
 
-    def server_check(self, update: ClientUpdate) -> str | None:
+    def uplink_spec(self, client: int) -> UplinkSpec:
+        """Per-step pairs (paper: at most train.local_steps, fewer from a partial
+        straggler) or the mask and one scalar per seed used (compact: at most K)."""
+        if self.config.fedkseed.encoding == "paper":
+            steps = (self.config.train.local_steps,)
+            return {"seeds": TensorSpec(torch.int32, steps, variable=True), "scalars": TensorSpec(torch.float32, steps, variable=True)}
+        return {"mask": TensorSpec(torch.uint8, ((self.k + 7) // 8,)), "scalars": TensorSpec(torch.float32, (self.k,), variable=True)}
+
+    def check_update(self, update: ClientUpdate) -> str | None:
         try:
-            seeds, scalars = self.uplink_pairs(update.tensors)
+            self.uplink_pairs(update.tensors)
         except ValueError as exc:
             return str(exc)
-        if update.num_examples < 1:
-            return "num_examples is 0"
-        return self.check_norm(lambda: float(per_seed_sums(seeds, scalars, self.k).double().square().sum()))
+        return None
+
+    def update_norm(self, update: ClientUpdate) -> float:
+        """The update is the vector of per-seed sums of the client's scalars."""
+        return float(per_seed_sums(*self.uplink_pairs(update.tensors), self.k).double().norm())
 
     def server_aggregate(self, updates: list[ClientUpdate], release: Release) -> None:
-        delta, used = torch.zeros(self.k), torch.zeros(self.k, dtype=torch.bool)
-        for u, weight in zip(updates, release.weights):
+        sums = []
+        for u in updates:
             seeds, scalars = self.uplink_pairs(u.tensors)
-            delta += weight * per_seed_sums(seeds, scalars, self.k)
-            used[seeds] = True
+            sums.append(per_seed_sums(seeds, scalars, self.k))
             clipped = scalars.double().clamp(-AMPLITUDE_CLIP, AMPLITUDE_CLIP).abs()
             self.amplitude_sum.index_add_(0, seeds, clipped)
             self.amplitude_count.index_add_(0, seeds, torch.ones_like(clipped))
-        if release.noise is not None:
-            # Which seeds were drawn depends on no data (seeded draws), so the
-            # released sums are those of the seeds some client used.
-            delta[used] += release.noise.sample((int(used.sum()),), release.noise_scale)
+        # Under client-level DP every one of the K sums is noised, used or not, so
+        # what is released does not depend on which seeds the clients drew.
+        delta = release.combine(sums, (self.k,))
         self.apply(self.tuned_params, delta)
         self.log.append(self.encode_scalars(delta), (u.client for u in updates))
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from peft import PeftModel
 
-from fedtune.methods.fedit import FedIT
 from fedtune.methods.adapters import wrap_with_lora
+from fedtune.methods.fedit import FedIT
 from fedtune.models import Classifier
 
 

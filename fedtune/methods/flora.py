@@ -43,6 +43,7 @@ class FLoRA(Method):
     name = "flora"
     heterogeneous_ranks = True
     lossy_downlink = False
+    stacks_clients = True
 
     @classmethod
     def with_client_ranks(cls, config: RunConfig, ranks: list[int]) -> RunConfig:
@@ -75,23 +76,20 @@ class FLoRA(Method):
             template[f"{PREFIX}{path}.lora_B.default.weight"] = torch.zeros(base.out_features, r)
         return template
 
-    def released_alone(self, name: str) -> bool:
-        return "lora_" in name  # each client's factors are stacked, not summed
-
     def server_aggregate(self, updates: list[ClientUpdate], release: Release) -> None:
         factors = {}
         with torch.no_grad():
             for path in self.targets:
                 a = torch.cat([
                     weight * (self.config.lora.alpha / self.rank(u.client))
-                    * release.alone(u.dense(f"{PREFIX}{path}.lora_A.default.weight"))
+                    * u.dense(f"{PREFIX}{path}.lora_A.default.weight")
                     for u, weight in zip(updates, release.weights)
                 ])
-                b = torch.cat([release.alone(u.dense(f"{PREFIX}{path}.lora_B.default.weight")) for u in updates], dim=1)
+                b = torch.cat([u.dense(f"{PREFIX}{path}.lora_B.default.weight") for u in updates], dim=1)
                 factors[f"{path}.A"], factors[f"{path}.B"] = a, b
             _merge(self.params, factors)
             for name in self.head_names:
-                self.params[_plain(name)].copy_(release.average(updates, name))
+                self.params[_plain(name)].copy_(release.average(updates, name, self.params[_plain(name)].detach()))
         self.log.append(factors, (u.client for u in updates))
 
     def server_state(self) -> dict[str, object]:

@@ -9,8 +9,8 @@ from peft import PeftModel
 from fedtune.config import TrainSection
 from fedtune.methods.adapters import load_trainable_state, trainable_state
 from fedtune.methods.base import ClientJob, ClientUpdate, LocalResult, Method
-from fedtune.rounds.release import Release
 from fedtune.models import Classifier
+from fedtune.rounds.release import Release
 from fedtune.training import train_steps
 from fedtune.wire import TensorDict
 
@@ -33,7 +33,7 @@ class AveragedAdapter(Method):
     global_tensors: TensorDict
 
     def server_aggregate(self, updates: list[ClientUpdate], release: Release) -> None:
-        self.global_tensors = {name: release.average(updates, name) for name in updates[0].tensors}
+        self.global_tensors = {name: release.average(updates, name, t) for name, t in self.global_tensors.items()}
         load_trainable_state(self.model, self.global_tensors)
 
     def server_state(self) -> dict[str, object]:

@@ -7,8 +7,8 @@ from fedtune.errors import FedtuneError
 from fedtune.methods.base import Method
 from fedtune.methods.fed_sb import FedSB
 from fedtune.methods.fedit import FedIT
-from fedtune.methods.ffa_lora import FFALoRA
 from fedtune.methods.fedkseed import FedKSeed
+from fedtune.methods.ffa_lora import FFALoRA
 from fedtune.methods.flora import FLoRA
 from fedtune.privacy.factory import check_method
 

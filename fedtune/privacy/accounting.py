@@ -12,13 +12,15 @@ entries, so the epsilon fedtune reports is the library's figure for it.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
+from fedtune.clients import client_name
 from fedtune.config import RunConfig
 from fedtune.errors import FedtuneError
-from fedtune.clients import client_name
 
 Step = tuple[float, float, int]  # (noise multiplier, sample rate, steps)
 
@@ -29,10 +31,16 @@ def epsilon(history: list[Step], delta: float, mechanism: str) -> float:
         return 0.0
     accountant = create_accountant(mechanism=mechanism)
     accountant.history = list(history)
-    with warnings.catch_warnings():
-        # RDP's hint that larger orders might tighten the bound: the figure stays a valid upper bound.
-        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+    with _quiet():
         return float(accountant.get_epsilon(delta=delta))
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """Without RDP's hint that larger orders might tighten the bound: the figure stays a valid upper bound."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        yield
 
 
 def add(history: list[Step], step: Step) -> None:
@@ -72,10 +80,11 @@ class Budget:
             return p.noise_multiplier
         steps = self.config.run.rounds * self.steps_per_round()
         try:
-            return float(get_noise_multiplier(
-                target_epsilon=p.epsilon, target_delta=p.delta, sample_rate=sample_rate,
-                steps=steps, accountant=p.accountant,
-            ))
+            with _quiet():
+                return float(get_noise_multiplier(
+                    target_epsilon=p.epsilon, target_delta=p.delta, sample_rate=sample_rate,
+                    steps=steps, accountant=p.accountant,
+                ))
         except ValueError:
             raise FedtuneError(
                 f"privacy.epsilon={p.epsilon} cannot be met over {steps} steps at delta={p.delta} by any noise level"

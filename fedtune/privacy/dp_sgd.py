@@ -21,6 +21,9 @@ from torch import nn
 class DPSGD:
     noise_multiplier: float
     clip: float
+    # Seeds the Poisson batches and the noise: from the client's own secret
+    # (fedtune/privacy/secrets.py), so that no one else can recompute and remove them.
+    seed: int = 0
 
 
 def poisson_batches(num_examples: int, steps: int, batch_size: int, seed: int) -> list[np.ndarray]:
@@ -30,11 +33,9 @@ def poisson_batches(num_examples: int, steps: int, batch_size: int, seed: int) -
     return [np.flatnonzero(rng.random(num_examples) < rate) for _ in range(steps)]
 
 
-def make_private(
-    model: nn.Module, optimizer: torch.optim.Optimizer, dp: DPSGD, batch_size: int, seed: int
-) -> tuple[GradSampleModule, DPOptimizer]:
+def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, dp: DPSGD, batch_size: int) -> tuple[GradSampleModule, DPOptimizer]:
     """``model`` with per-example gradient hooks, and ``optimizer`` clipping and
-    noising them (noise seeded, so that runs are reproducible)."""
+    noising them (noise seeded by ``dp.seed``, so that a kept secret reproduces a run)."""
     module = GradSampleModule(model, loss_reduction="mean", strict=False)
     private = DPOptimizer(
         optimizer,
@@ -42,6 +43,6 @@ def make_private(
         max_grad_norm=dp.clip,
         expected_batch_size=batch_size,
         loss_reduction="mean",
-        generator=torch.Generator().manual_seed(seed),
+        generator=torch.Generator().manual_seed(dp.seed),
     )
     return module, private

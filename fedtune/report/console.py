@@ -8,15 +8,28 @@ from tqdm import tqdm
 from fedtune.report.rows import RoundRow, RunSummary
 
 
-def format_round(row: RoundRow, zero_shot: float | None = None, majority: float | None = None) -> str:
-    """One round: accuracy against the baselines known, loss, bytes, privacy spent."""
+def format_round(row: RoundRow, zero_shot: float | None = None, majority: float | None = None, dropped: bool = False) -> str:
+    """One round: accuracy against the baselines known, loss, bytes, privacy spent,
+    and who took part; with ``dropped``, a line more for each uplink refused or
+    client lost (where the server's own log is not on the console)."""
     head = "zero-shot" if row.round == 0 else f"round {row.round}"
     baselines = [f"zero-shot {zero_shot:.3f}"] if zero_shot is not None and row.round else []
     baselines += [f"majority class {majority:.3f}"] if majority is not None else []
     reference = f" ({', '.join(baselines)})" if baselines else ""
     privacy = f"  epsilon {row.epsilon:.2f}" if row.epsilon is not None else ""
-    return (f"{head:>9}: accuracy {row.accuracy:.3f}{reference}  loss {row.loss:.3f}  "
+    line = (f"{head:>9}: accuracy {row.accuracy:.3f}{reference}  loss {row.loss:.3f}  "
             f"down {human_bytes(row.bytes_down)}  up {human_bytes(row.bytes_up)}{privacy}")
+    if row.sampled is not None:
+        line += f"  clients {row.aggregated or 0}/{row.sampled}"
+    if row.rejected:
+        line += "  dropped: " + ", ".join(f"{stage} {n}" for stage, n in row.rejected.items())
+    if row.attempts:
+        line += f"  ({row.attempts} tries)"
+    if row.skipped:
+        line += "  skipped: too few valid updates, the model is unchanged"
+    if dropped and row.dropped:
+        line += "".join(f"\n{'':>11}{d.client} {d.stage}: {d.reason}" for d in row.dropped)
+    return line
 
 
 def print_round(row: RoundRow, zero_shot: float | None = None, majority: float | None = None) -> None:
@@ -36,6 +49,10 @@ def summary_table(s: RunSummary) -> str:
         rows.append((f"{s.privacy}-level DP", f"epsilon {s.epsilon:.2f}, delta {s.delta:g}"))
     if s.stopped is not None:
         rows.append(("stopped", s.stopped))
+    if s.dropped:
+        rows.append(("updates dropped", ", ".join(f"{stage} {n}" for stage, n in s.dropped.items())))
+    if s.retried_rounds or s.skipped_rounds:
+        rows.append(("rounds retried / skipped", f"{s.retried_rounds or 0} / {s.skipped_rounds or 0}"))
     if s.sim_time_s is not None:
         by_device = ", ".join(f"{d} {n}" for d, n in s.client_rounds_by_device.items())
         rows.append(("simulated time", f"{s.sim_time_s:.1f} s ({s.failed} failed, {s.stragglers} stragglers)"))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,15 @@ class HardwareRow:
 
 
 @dataclass(frozen=True)
+class Dropped:
+    """An uplink the server refused, or a client it lost, and why."""
+
+    client: str
+    stage: str  # structure, size, header, codec, tensors, values, examples, norm, error; failed: raised or vanished
+    reason: str
+
+
+@dataclass(frozen=True)
 class RoundRow:
     round: int  # 0: the model before any training (zero-shot)
     accuracy: float
@@ -36,7 +46,11 @@ class RoundRow:
     cum_bytes_up: int
     clients: int  # uplinks received this round, every attempt, rejected ones too
     wall_time_s: float
+    sampled: int | None = None  # clients sent a downlink, every attempt
+    attempts: int | None = None  # tries of this round, when more than one (federation.round_retries)
     aggregated: int | None = None  # updates folded into the model
+    rejected: dict[str, int] | None = None  # uplinks refused and clients lost, by stage
+    dropped: list[Dropped] | None = None  # each of them, with its reason
     train_loss: float | None = None  # mean over the clients' valid uplinks
     # Wall time of the training phase against the clients' own training time:
     # their ratio is the framework's overhead (benchmarks/round_overhead.py).
@@ -63,8 +77,11 @@ class RunSummary:
     bytes_per_client_round_up: int
     message_bytes_down: int
     message_bytes_up: int
-    client_rounds: int
+    client_rounds: int  # uplinks received
     wall_time_s: float
+    dropped: dict[str, int] | None = None  # uplinks refused and clients lost over the run, by stage
+    retried_rounds: int | None = None
+    skipped_rounds: int | None = None
     privacy: str | None = None  # "client" or "sample" level DP, with the epsilon spent at delta
     epsilon: float | None = None
     delta: float | None = None
@@ -87,24 +104,31 @@ class RunSummary:
 
 
 def to_json(record: RoundRow | RunSummary) -> dict[str, Any]:
-    """The record's JSON form: unset fields (None, False) left out."""
-    return {k: v for k, v in dataclasses.asdict(record).items() if v is not None and v is not False}
+    """The record's JSON form: unset fields (None, False) left out, and a value that
+    is not finite (a diverged loss) written as null, with what it was under
+    "non_finite": the files hold valid JSON only."""
+    data = {k: v for k, v in dataclasses.asdict(record).items() if v is not None and v is not False}
+    odd = {k: str(v) for k, v in data.items() if isinstance(v, float) and not math.isfinite(v)}
+    return data | dict.fromkeys(odd) | ({"non_finite": odd} if odd else {})
 
 
 def from_json(cls: type, data: dict[str, Any]) -> Any:
-    """A RoundRow or RunSummary from its JSON form; keys it does not know (written by
-    a newer fedtune) are left out."""
+    """A RoundRow or RunSummary from its JSON form, non-finite values restored; keys
+    it does not know (written by a newer fedtune) are left out."""
     known = {f.name for f in dataclasses.fields(cls)}
     values = {k: v for k, v in data.items() if k in known}
+    values |= {k: float(v) for k, v in data.get("non_finite", {}).items() if k in known}
     if values.get("hardware") is not None:
         values["hardware"] = HardwareRow(**values["hardware"])
+    if values.get("dropped") is not None:
+        values["dropped"] = [Dropped(**d) for d in values["dropped"]]
     return cls(**values)
 
 
 def append_row(run_dir: Path, row: RoundRow) -> None:
     """Add a row to metrics.jsonl at once: every finished round is on disk."""
     with (run_dir / METRICS).open("a") as f:
-        f.write(json.dumps(to_json(row)) + "\n")
+        f.write(json.dumps(to_json(row), allow_nan=False) + "\n")
 
 
 def read_rows(run_dir: Path, after: int = -1) -> list[RoundRow]:

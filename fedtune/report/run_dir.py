@@ -12,7 +12,14 @@ from typing import Any
 
 from fedtune.config import RunConfig
 from fedtune.report.plots import plot_accuracy_vs_bytes
-from fedtune.report.rows import SUMMARY, RoundRow, RunSummary, read_rows, read_summary, to_json
+from fedtune.report.rows import (
+    SUMMARY,
+    RoundRow,
+    RunSummary,
+    read_rows,
+    read_summary,
+    to_json,
+)
 from fedtune.training import EvalResult
 
 PLOT = "accuracy_vs_bytes.png"
@@ -53,7 +60,7 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def finish(run_dir: Path, rows: list[RoundRow], summary: RunSummary) -> None:
-    write_atomic(run_dir / SUMMARY, json.dumps(to_json(summary), indent=2) + "\n")
+    write_atomic(run_dir / SUMMARY, json.dumps(to_json(summary), indent=2, allow_nan=False) + "\n")
     plot_accuracy_vs_bytes(rows, run_dir / PLOT, summary)
 
 

@@ -10,8 +10,11 @@ from fedtune.report.rows import RoundRow, RunSummary
 def summarize(config: RunConfig, rows: list[RoundRow], ledger: Ledger, majority: float, wall: float,
               stopped: str | None = None, privacy: dict[str, object] | None = None) -> RunSummary:
     """``rows`` start with round 0 (the zero-shot model); ``privacy``: the privacy
-    policy's summary fields (mode, epsilon spent, delta), if the run has DP."""
-    client_rounds = ledger.client_rounds()
+    policy's summary fields (mode, epsilon spent, delta), if the run has DP. Per
+    client-round figures count the messages that were sent: a client that vanished
+    received its downlink but sent no uplink."""
+    client_rounds, downlinks = ledger.count("up"), ledger.count("down")
+    stages = sorted({s for r in rows for s in r.rejected or {}})
     return RunSummary(
         method=config.federation.method,
         model=config.model.name,
@@ -23,12 +26,15 @@ def summarize(config: RunConfig, rows: list[RoundRow], ledger: Ledger, majority:
         zero_shot_accuracy=rows[0].accuracy,
         total_bytes_down=ledger.total("down"),
         total_bytes_up=ledger.total("up"),
-        bytes_per_client_round_down=ledger.total("down") // max(client_rounds, 1),
+        bytes_per_client_round_down=ledger.total("down") // max(downlinks, 1),
         bytes_per_client_round_up=ledger.total("up") // max(client_rounds, 1),
         message_bytes_down=ledger.total("down", field="message_bytes"),
         message_bytes_up=ledger.total("up", field="message_bytes"),
         client_rounds=client_rounds,
         wall_time_s=round(wall, 1),
+        dropped={s: sum((r.rejected or {}).get(s, 0) for r in rows) for s in stages} or None,
+        retried_rounds=sum(r.attempts is not None for r in rows) or None,
+        skipped_rounds=sum(r.skipped for r in rows) or None,
         stopped=stopped,
         **(privacy or {}), **_hardware(rows), **_target(config, rows),
     )
