@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 from fedtune.config import load_config
@@ -5,8 +6,11 @@ from fedtune.ledger import Transfer
 from fedtune.report.console import human_bytes, summary_table
 from fedtune.report.recorder import Recorder
 from fedtune.report.rows import (
+    Dropped,
     HardwareRow,
+    RoundRow,
     RunSummary,
+    append_row,
     read_rows,
     read_summary,
     to_json,
@@ -47,6 +51,19 @@ def test_rows_summary_and_plot_from_a_known_ledger(config, tmp_path):
     assert (tmp_path / "accuracy_vs_bytes.png").read_bytes()[:4] == b"\x89PNG"
     table = summary_table(summary)
     assert "final accuracy" in table and "0.550" in table and "1.00 KB / 901 B" in table
+
+
+def test_refusals_survive_the_json_round_trip(config, tmp_path):
+    """A round's refusals are records, the summary's are counts by stage: both reload as written."""
+    row = RoundRow(1, 0.6, 0.5, 10, 20, 10, 20, 3, 1.0, rejected={"size": 1}, dropped=[Dropped("client-2", "size", "too big")])
+    append_row(tmp_path, row)
+    assert read_rows(tmp_path) == [row]
+    recorder = Recorder(tmp_path, majority=0.5)
+    recorder.record(0, EvalResult(0.5, 0.7))
+    recorder.record(1, EvalResult(0.6, 0.5))
+    summary = dataclasses.replace(recorder.summary(config, None), dropped={"size": 1, "failed": 2})
+    finish(tmp_path, [row], summary)
+    assert read_summary(tmp_path) == summary
 
 
 def test_human_bytes():

@@ -120,7 +120,7 @@ def from_json(cls: type, data: dict[str, Any]) -> Any:
     values |= {k: float(v) for k, v in data.get("non_finite", {}).items() if k in known}
     if values.get("hardware") is not None:
         values["hardware"] = HardwareRow(**values["hardware"])
-    if values.get("dropped") is not None:
+    if cls is RoundRow and values.get("dropped") is not None:
         values["dropped"] = [Dropped(**d) for d in values["dropped"]]
     return cls(**values)
 
