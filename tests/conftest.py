@@ -115,19 +115,20 @@ def fedavg(method, updates) -> None:
     method.server_aggregate(updates, by_examples(updates))
 
 
-def uplink_rejection(method, tensors, client=0, rnd=1, num_examples=None, chain_specs=(), **payload):
+def uplink_rejection(method, tensors, client=0, rnd=1, num_examples=None, chain_specs=(), partition=40, **payload):
     """Why the server refuses ``tensors`` as ``client``'s uplink in round ``rnd``
-    (encoded as a real payload and checked as the server checks it), or None."""
+    (encoded as a real payload and checked as the server checks it, the client's
+    partition holding ``partition`` examples), or None."""
     from fedtune import wire
     from fedtune.clients import client_name
     from fedtune.codecs.spec import parse_chain
     from fedtune.rounds.validation import Expected, validate_payload
 
     chain = parse_chain(list(chain_specs), "compression.up")
-    examples = 40 if num_examples is None else num_examples
+    examples = partition if num_examples is None else num_examples
     header = {"method": method.name, "round": rnd, "client": client_name(client)} | payload
     data = wire.encode(wire.Payload(header["method"], header["round"], header["client"], tensors, examples), chain)
-    _, rejection = validate_payload(data, Expected.of(method, chain, rnd, client, 40, method.config.train.local_steps))
+    _, rejection = validate_payload(data, Expected.of(method, chain, rnd, client, partition, method.config.train.local_steps))
     return None if rejection is None else f"{rejection.stage}: {rejection.reason}"
 
 
@@ -161,3 +162,36 @@ class ComposeFiles:
         rootfs = self.rootfs[service]
         tops = "|".join(re.escape(path.name) for path in rootfs.iterdir())
         return re.sub(rf"(?<![\w.-])/({tops})(?![\w-])", lambda m: f"{rootfs}/{m[1]}", text)
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory) -> Path:
+    """A tiny random Llama saved by save_pretrained, with SmolLM2-Instruct's tokenizer
+    (and so its chat template): instruction tuning in seconds."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from fedtune.config import ModelSection
+    from fedtune.models import resolve_model_path
+
+    path = tmp_path_factory.mktemp("tiny-lm")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=49152, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(resolve_model_path(ModelSection(name="smollm2"))).save_pretrained(path)
+    return path
+
+
+def instruct_config(tmp_path, tiny_lm: Path, **sections) -> RunConfig:
+    """The instruction task on chatterbot-corpus with the tiny LM, 3 clients."""
+    base = {
+        "task": {"kind": "instruct"},
+        "model": {"name": str(tiny_lm), "max_length": 48},
+        "data": {"source": "chatterbot", "test_size": 24, "train_size": 90},
+        "instruct": {"max_new_tokens": 6, "generate_size": 8},
+        "lora": {"rank": 4},
+        "train": {"local_steps": 4, "batch_size": 6, "lr": 1e-2},
+    }
+    for name, values in sections.items():
+        base.setdefault(name, {}).update(values)
+    return small_config(tmp_path, **base)

@@ -52,7 +52,7 @@ def test_every_attack_is_refused_and_the_model_is_the_honest_clients(tmp_path):
         assert row["aggregated"] == 2 and row["sampled"] == 4
     assert summary.dropped == {s: list(STAGES.values()).count(s) for s in sorted(set(STAGES.values()))}
     # The same model as when the attackers' rounds are simply lost.
-    assert [(r["accuracy"], r["loss"]) for r in rows] == [(r["accuracy"], r["loss"]) for r in reference]
+    assert [(r["score"], r["loss"]) for r in rows] == [(r["score"], r["loss"]) for r in reference]
     ours, theirs = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (attacked, dropped))
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     assert all(d["stage"] == "failed" for r in reference[1:] for d in r["dropped"])

@@ -103,7 +103,7 @@ def _synthetic_run(root: Path, name: str, accuracy: list[float], bytes_per_round
     run_dir = root / name / f"run-{seed}"
     run_dir.mkdir(parents=True)
     rows = [
-        RoundRow(round=r, accuracy=a, loss=0.5, bytes_down=0, bytes_up=0, cum_bytes_down=r * bytes_per_round // 2,
+        RoundRow(round=r, score=a, loss=0.5, bytes_down=0, bytes_up=0, cum_bytes_down=r * bytes_per_round // 2,
                  cum_bytes_up=r * bytes_per_round // 2, clients=4, wall_time_s=10.0 * r)
         for r, a in enumerate(accuracy)
     ]
@@ -111,8 +111,8 @@ def _synthetic_run(root: Path, name: str, accuracy: list[float], bytes_per_round
     total = len(accuracy[1:]) * bytes_per_round
     reached = next((r for r, a in enumerate(accuracy) if r and a >= 0.8), None)
     summary = RunSummary(
-        method=name, model="synthetic", rounds=len(accuracy) - 1, final_accuracy=accuracy[-1], best_accuracy=max(accuracy[1:]),
-        final_loss=0.5, majority_accuracy=0.5, zero_shot_accuracy=accuracy[0],
+        method=name, model="synthetic", rounds=len(accuracy) - 1, final_score=accuracy[-1], best_score=max(accuracy[1:]),
+        final_loss=0.5, majority_score=0.5, zero_shot_score=accuracy[0],
         total_bytes_down=total // 2, total_bytes_up=total // 2,
         bytes_per_client_round_down=total // 8, bytes_per_client_round_up=total // 8,
         message_bytes_down=total // 2, message_bytes_up=total // 2, client_rounds=8, wall_time_s=30.0,

@@ -117,6 +117,6 @@ def test_the_compose_services_run_a_job_as_local_processes(tmp_path):
         assert [(r["round"], r["clients"]) for r in rows[1:]] == [(1, 3), (2, 3)]
         uplinks = {(t["round"], t["client"]) for t in ledger if t["direction"] == "up"}
         assert uplinks == {(r, f"client-{i}") for r in (1, 2) for i in range(3)}
-        assert json.loads((run_dir / "summary.json").read_text())["final_accuracy"] == rows[-1]["accuracy"]
+        assert json.loads((run_dir / "summary.json").read_text())["final_score"] == rows[-1]["score"]
         assert (stack.volumes["superlink"] / "superlink.db").is_file()  # state survives a restart
         assert [name for name, s in stack.services.items() if "healthcheck" in s and not stack.healthy(name)] == []

@@ -31,4 +31,4 @@ def test_fedit_with_compressed_uplink_and_downlink(tmp_path):
     assert len(up) == 9 and all(b < plain * 0.12 for b in up)  # 10% of entries at ~5 bytes each, zstd on top
     assert all(plain * 0.45 < b < plain * 0.55 for b in down)  # float16
     assert [r["aggregated"] for r in rows[1:]] == [3, 3, 3]
-    assert summary.final_accuracy > summary.majority_accuracy
+    assert summary.final_score > summary.majority_score

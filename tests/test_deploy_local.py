@@ -67,7 +67,7 @@ def test_fedit_through_fedtune_deploy_submit_gives_the_simulation_numbers(federa
     assert f"results: {run_dir}" in out and "round 2: accuracy" in out
     rows, ledger = _records(run_dir / "metrics.jsonl"), _records(run_dir / "ledger.jsonl")
     assert [(r["round"], r["clients"], r.get("aggregated")) for r in rows] == [(0, 0, None), (1, 3, 3), (2, 3, 3)]
-    assert json.loads((run_dir / "summary.json").read_text())["final_accuracy"] == rows[-1]["accuracy"]
+    assert json.loads((run_dir / "summary.json").read_text())["final_score"] == rows[-1]["score"]
     # The same code over gRPC and TLS: the same numbers, and the same exact bytes, as in simulation.
     assert _stable(rows) == _stable(_records(simulated_fedit / "metrics.jsonl"))
     assert ledger == _records(simulated_fedit / "ledger.jsonl")
@@ -94,7 +94,7 @@ def test_fed_sb_deployed(federation, tmp_path):
     assert set(up) == {(r, f"client-{i}") for r in (1, 2) for i in range(CLIENTS)}
     assert all(down[1, c] > 10 * down[2, c] for c in ("client-0", "client-1", "client-2"))  # the bases go once
     assert all(abs(b - down[2, c]) < 16 for (_, c), b in up.items())  # the r x r matrices, both ways
-    assert summary.final_accuracy == rows[-1]["accuracy"]
+    assert summary.final_score == rows[-1]["score"]
 
 
 def test_fedkseed_deployed(federation, tmp_path):
@@ -105,7 +105,7 @@ def test_fedkseed_deployed(federation, tmp_path):
     rows, ledger = _records(run_dir / "metrics.jsonl"), _records(run_dir / "ledger.jsonl")
     assert [(r["round"], r["clients"], r.get("aggregated")) for r in rows[1:]] == [(1, 3, 3), (2, 3, 3)]
     assert all(t["payload_bytes"] < 200 for t in ledger if t["direction"] == "up")  # seeds and scalars, not tensors
-    assert summary.final_accuracy == rows[-1]["accuracy"]
+    assert summary.final_score == rows[-1]["score"]
     assert (run_dir / "adapter" / "model.safetensors").is_file()
 
 

@@ -61,7 +61,7 @@ def test_bad_uplink_is_dropped_and_rounds_go_on(tmp_path, caplog, method, sectio
     dropped = [r.getMessage() for r in caplog.records if "client-1 dropped" in r.getMessage()]
     reason = "seed index out of range [0, 256)" if method == "fedkseed" else "expected torch.float32"
     assert len(dropped) == 2 and all(reason in m for m in dropped)
-    assert summary.final_accuracy == rows[-1]["accuracy"]
+    assert summary.final_score == rows[-1]["score"]
     info = json.loads((run_dir / "adapter" / "fedtune.json").read_text())
     if method == "fedkseed":  # a whole model, its own base: the directory can be moved
         assert info["base_model"] is None and (run_dir / "adapter" / "model.safetensors").is_file()
@@ -112,8 +112,8 @@ def test_too_few_valid_updates_retry_then_skip(tmp_path, caplog, monkeypatch, mi
     if min_replies == 2:
         # Round 1: two uplinks (client-2 crashed), one valid; the retry: three uplinks, two valid.
         assert [(r["clients"], r.get("aggregated"), r.get("skipped")) for r in rows[1:]] == [(5, 2, None), (3, 2, None)]
-        assert rows[2]["accuracy"] != rows[0]["accuracy"] or rows[2]["loss"] != rows[0]["loss"]
+        assert rows[2]["score"] != rows[0]["score"] or rows[2]["loss"] != rows[0]["loss"]
     else:
         assert all(r["skipped"] == 1 and r["clients"] in (5, 6) for r in rows[1:])
-        assert all((r["accuracy"], r["loss"]) == (rows[0]["accuracy"], rows[0]["loss"]) for r in rows[1:])
+        assert all((r["score"], r["loss"]) == (rows[0]["score"], rows[0]["loss"]) for r in rows[1:])
     assert summary.rounds == 2 and (run_dir / "adapter" / "adapter_config.json").is_file()

@@ -16,7 +16,7 @@ from fedtune.report.rows import (
     to_json,
 )
 from fedtune.report.run_dir import create_run_dir, finish
-from fedtune.training import EvalResult
+from fedtune.tasks import EvalResult
 
 
 def test_run_dir_config_reloads_identically(config):
@@ -41,7 +41,7 @@ def test_rows_summary_and_plot_from_a_known_ledger(config, tmp_path):
     assert read_rows(tmp_path) == rows  # metrics.jsonl holds them as they were recorded
 
     summary = recorder.summary(config, None)
-    assert summary.final_accuracy == 0.55 and summary.best_accuracy == 0.6
+    assert summary.final_score == 0.55 and summary.best_score == 0.6
     assert summary.bytes_per_client_round_down == 1000 and summary.bytes_per_client_round_up == 901
     assert summary.message_bytes_up == 4 * 990 and summary.client_rounds == 4
 

@@ -60,7 +60,7 @@ def test_a_run_killed_mid_round_resumes_to_the_same_result(tmp_path, capsys):
         assert {k: got.get(k) for k in STABLE} == {k: want.get(k) for k in STABLE}
     assert _records(run_dir / "ledger.jsonl") == _records(reference_dir / "ledger.jsonl")
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["final_accuracy"] == json.loads((reference_dir / "summary.json").read_text())["final_accuracy"]
+    assert summary["final_score"] == json.loads((reference_dir / "summary.json").read_text())["final_score"]
     assert (run_dir / "adapter" / "adapter_config.json").is_file()
 
 

@@ -27,7 +27,7 @@ def test_three_clients_two_rounds_twice(tmp_path, capsys):
 
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert all(r["clients"] == 3 for r in rows[1:])
-    assert summary.client_rounds == 6 and summary.final_accuracy == rows[-1]["accuracy"]
+    assert summary.client_rounds == 6 and summary.final_score == rows[-1]["score"]
     assert (run_dir / "accuracy_vs_bytes.png").stat().st_size > 10_000
     assert (run_dir / "config.toml").is_file() and (run_dir / "summary.json").is_file()
 
@@ -45,7 +45,7 @@ def test_three_clients_two_rounds_twice(tmp_path, capsys):
     (run_dir_b,) = (tmp_path / "runs").glob("b-*")
     rows_again, ledger_again = _read(run_dir_b)
     summary_b = json.loads((run_dir_b / "summary.json").read_text())
-    assert 0 <= summary_b["centralized_accuracy"] <= 1 and summary_b["centralized_steps"] == 2 * 3 * 3
+    assert 0 <= summary_b["centralized_score"] <= 1 and summary_b["centralized_steps"] == 2 * 3 * 3
     strip = lambda rs: [{k: v for k, v in r.items() if not k.endswith("_s")} for r in rs]  # noqa: E731
     assert strip(rows_again) == strip(rows)
     assert ledger_again == ledger

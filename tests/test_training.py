@@ -7,7 +7,7 @@ from conftest import train_lora
 from fedtune.config import TrainSection
 from fedtune.methods.adapters import wrap_with_lora
 from fedtune.task import load_model, load_splits
-from fedtune.training import batch_order, evaluate, train_steps
+from fedtune.training import batch_order, train_steps
 
 
 def test_batch_order_sees_every_example_once_per_pass():
@@ -24,13 +24,13 @@ def test_training_fits_a_small_set(config):
     few = train.subset(np.arange(16))
     classifier = load_model(config)
     model = wrap_with_lora(classifier, config.lora, seed=0)
-    before = evaluate(model, classifier, few, batch_size=8)
+    before = classifier.evaluate(model, few, batch_size=8)
     stats = train_steps(model, classifier, few, steps=30, train=TrainSection(batch_size=8, lr=3e-3), seed=0)
-    after = evaluate(model, classifier, few, batch_size=8)
+    after = classifier.evaluate(model, few, batch_size=8)
     batches = [classifier.encode([few.texts[i] for i in idx]) for idx in batch_order(16, 30, 8, 0)]
     assert stats.tokens == sum(b["input_ids"].numel() for b in batches) and stats.sequences == 240
     assert after.loss < before.loss * 0.5
-    assert after.accuracy == 1.0
+    assert after.score == 1.0
 
 
 def test_sgd_takes_plain_gradient_steps(config):

@@ -16,7 +16,7 @@ import math
 import shlex
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,23 +30,21 @@ from fedtune.app.exchange import Exchange, RoundOutcome
 from fedtune.clients import client_name
 from fedtune.codecs.link import Codecs
 from fedtune.config import RunConfig, from_dict, load_config
-from fedtune.data import TextDataset, majority_class_accuracy
 from fedtune.environment import configure_process
 from fedtune.errors import FedtuneError
 from fedtune.hardware.fleet import Fleet
 from fedtune.methods.base import Method
 from fedtune.methods.registry import get_method, method_class
-from fedtune.models import Classifier
+from fedtune.tasks import EvalResult, Examples, Learner
 from fedtune.privacy import secrets
 from fedtune.privacy.factory import server_privacy
 from fedtune.privacy.policy import PrivacyPolicy
 from fedtune.report.recorder import Recorder
 from fedtune.report.rows import Dropped, RunSummary
-from fedtune.report.run_dir import create_run_dir, finish
+from fedtune.report.run_dir import create_run_dir, finish, write_generations
 from fedtune.rounds.participation import Participation, Sampler
 from fedtune.rounds.robust import Robustness
 from fedtune.task import client_partitions, load_model, load_splits
-from fedtune.training import EvalResult, evaluate
 
 ADAPTER = "adapter"  # the exported global model, inside the run directory
 log = logging.getLogger("fedtune")
@@ -57,11 +55,12 @@ class Server:
     config: RunConfig
     run_dir: Path
     method: Method
-    classifier: Classifier
-    test: TextDataset
+    learner: Learner
+    test: Examples
     exchange: Exchange
     privacy: PrivacyPolicy
     recorder: Recorder
+    generations: dict[str, tuple] = field(default_factory=dict)  # "zero_shot" and "final", where the task generates
 
     def start(self, saved: dict | None) -> int:
         """The first round to play: after the checkpoint's, or 1 after evaluating the zero-shot model."""
@@ -71,7 +70,7 @@ class Server:
             self.exchange.participation.load_state(saved["participation"])
             print(f"resuming {self.run_dir} after round {saved['round']}", flush=True)
             return saved["round"] + 1
-        self.recorder.record(0, self._evaluate())
+        self.recorder.record(0, self._evaluate(0))
         return 1
 
     def play(self, rnd: int, bar: tqdm) -> str | None:
@@ -93,7 +92,7 @@ class Server:
         if enough:
             release = self.privacy.release(updates, rnd, self.exchange.participation.expected_cohort())
             self.method.server_aggregate(updates, self.exchange.robustness.rule(release))
-        self.recorder.record(rnd, self._evaluate(), **_round_fields(outcomes), skipped=not enough, epsilon=self.privacy.epsilon())
+        self.recorder.record(rnd, self._evaluate(rnd), **_round_fields(outcomes), skipped=not enough, epsilon=self.privacy.epsilon())
         self._checkpoint(rnd)
         return None
 
@@ -103,10 +102,19 @@ class Server:
         _export(self.method, self.run_dir / ADAPTER)
         summary = self.recorder.summary(self.config, stopped, self.privacy.summary_fields())
         finish(self.run_dir, self.recorder.rows, summary)
+        if len(self.generations) == 2:
+            write_generations(self.run_dir, self.generations["zero_shot"], self.generations["final"])
         return summary
 
-    def _evaluate(self) -> EvalResult:
-        return evaluate(self.method.server_model(), self.classifier, self.test, self.config.train.eval_batch_size)
+    def _evaluate(self, rnd: int) -> EvalResult:
+        """Held-out metrics; generation (instruct) on the zero-shot model, the last
+        round and every instruct.generate_every rounds."""
+        every = self.config.instruct.generate_every
+        generate = rnd in (0, self.config.run.rounds) or bool(every and rnd % every == 0)
+        result = self.learner.evaluate(self.method.server_model(), self.test, self.config.train.eval_batch_size, generate)
+        if result.generations:
+            self.generations["zero_shot" if rnd == 0 else "final"] = result.generations
+        return result
 
     def _checkpoint(self, rnd: int) -> None:
         checkpoint.save(self.run_dir, {
@@ -140,31 +148,31 @@ def serve(grid: Grid, config: RunConfig, run_dir: Path, resume: bool = False) ->
 def compose(grid: Grid, config: RunConfig, run_dir: Path, saved: dict | None) -> Server:
     """Every policy of the run, chosen once from the config, and the clients enrolled."""
     train, test = load_splits(config)
-    classifier = load_model(config)
+    learner = load_model(config)
     examples = {c: len(p) for c, p in enumerate(client_partitions(config))}  # the server's own count, not the clients'
     root = saved["root"] if saved else secrets.server_root(run_dir, config)
     privacy = server_privacy(config, examples, root)
-    participation, config = _participation(config, classifier, privacy.sampler())
+    participation, config = _participation(config, learner, privacy.sampler())
     method = get_method(config)
-    method.check(classifier)
-    method.server_init(classifier)
+    method.check(learner)
+    method.server_init(learner)
     nodes = enroll(grid, config, train.label_names, examples)
     if line := privacy.describe():
         print(line, flush=True)
     privacy.check_first_round()
-    recorder = Recorder(run_dir, majority_class_accuracy(train.labels, test.labels),
-                        saved["round"] if saved else None, saved["wall_time_s"] if saved else 0.0)
+    recorder = Recorder(run_dir, learner.baseline(train, test),
+                        saved["round"] if saved else None, saved["wall_time_s"] if saved else 0.0, learner.metric)
     exchange = Exchange(grid, config, method, nodes, examples, root, Codecs.of(config), participation,
                         Robustness(config.federation, privacy.update_bound()), recorder.ledger)
-    return Server(config, run_dir, method, classifier, test, exchange, privacy, recorder)
+    return Server(config, run_dir, method, learner, test, exchange, privacy, recorder)
 
 
-def _participation(config: RunConfig, classifier: Classifier, sampler: Sampler) -> tuple[Participation, RunConfig]:
+def _participation(config: RunConfig, learner: Learner, sampler: Sampler) -> tuple[Participation, RunConfig]:
     """Every client a candidate every round, or the simulated fleet ([hardware]), with
     the config it plans (the ranks clients train, where it picks them)."""
     if not config.hardware.modelled:
         return Participation(list(range(config.partition.num_clients)), sampler, config.train.local_steps), config
-    fleet = Fleet(config, classifier, method_class(config.federation.method), sampler)
+    fleet = Fleet(config, learner, method_class(config.federation.method), sampler)
     print(fleet.describe(), flush=True)
     return fleet, fleet.planned(config)
 

@@ -56,9 +56,9 @@ def write_report(comparison: Comparison, results: list[CellResult]) -> Path:
 def plot_pareto(groups: list[Group], path: Path) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
-    points = [(g.total_bytes, g.mean("final_accuracy")) for g in groups]
+    points = [(g.total_bytes, g.mean("final_score")) for g in groups]
     for g, (x, y) in zip(groups, points):
-        ax.errorbar(x, y, yerr=g.spread("final_accuracy") or None, fmt="o", capsize=3)
+        ax.errorbar(x, y, yerr=g.spread("final_score") or None, fmt="o", capsize=3)
         ax.annotate(g.name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
     front = [points[i] for i in pareto_front(points)]
     # The front as a staircase: from each point, what that many bytes buys at best.
@@ -86,7 +86,7 @@ def plot_curves(groups: list[Group], bytes_path: Path, time_path: Path) -> None:
         for g in groups:
             rounds = min(len(c) for c in g.curves)
             xs = [sum(x_of(c[i]) for c in g.curves) / len(g.curves) for i in range(rounds)]
-            ys = [sum(c[i].accuracy for c in g.curves) / len(g.curves) for i in range(rounds)]
+            ys = [sum(c[i].score for c in g.curves) / len(g.curves) for i in range(rounds)]
             start = 1 if log else 0  # round 0 (zero-shot) has spent no bytes
             ax.plot(xs[start:], ys[start:], marker="o", markersize=3, label=g.name)
         if log:

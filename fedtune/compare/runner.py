@@ -95,7 +95,7 @@ def run_cells(comparison: Comparison, echo=print) -> list[CellResult]:
             last = log.read_text().strip().splitlines()[-1:] or ["no output"]
             echo(f"{head}: FAILED (exit {code}): {last[0]}  [log: {log}]")
             return CellResult(cell, None, last[0])
-        accuracy = read_summary(run_dir).final_accuracy
+        accuracy = read_summary(run_dir).final_score
         echo(f"{head}: done in {time.perf_counter() - started:.0f} s, final accuracy {accuracy:.3f}")
         return CellResult(cell, run_dir)
 

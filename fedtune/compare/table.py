@@ -15,7 +15,7 @@ from fedtune.report.rows import RoundRow, RunSummary
 from fedtune.report.run_dir import write_atomic
 
 COLUMNS = (  # RunSummary fields, in table.csv order
-    "final_accuracy", "best_accuracy", "total_bytes_down", "total_bytes_up",
+    "final_score", "best_score", "total_bytes_down", "total_bytes_up",
     "bytes_per_client_round_down", "bytes_per_client_round_up", "rounds_to_target", "bytes_to_target",
     "sim_time_s", "sim_time_to_target_s", "epsilon", "wall_time_s",
 )
@@ -62,14 +62,14 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 def verdict(groups: list[Group]) -> str:
     """Name the most accurate group, and the groups its lead does not exceed the
     spread over seeds for: those are not beaten."""
-    best = max(groups, key=lambda g: g.mean("final_accuracy"))
+    best = max(groups, key=lambda g: g.mean("final_score"))
     seeds = min(len(g.runs) for g in groups)
-    text = f"Highest mean final accuracy: {best.name} ({_pm(best, 'final_accuracy')})."
+    text = f"Highest mean final accuracy: {best.name} ({_pm(best, 'final_score')})."
     if seeds < 2:
         return text + " One seed per cell: there is no spread to test differences against, so none is called a win."
     tied = [
         g.name for g in groups if g is not best
-        and best.mean("final_accuracy") - g.mean("final_accuracy") <= best.spread("final_accuracy") + g.spread("final_accuracy")
+        and best.mean("final_score") - g.mean("final_score") <= best.spread("final_score") + g.spread("final_score")
     ]
     if not tied:
         return text + " It leads every other cell by more than their spreads (1 std each) combined."
@@ -89,7 +89,7 @@ def write_csv(groups: list[Group], axes: list[str], path: Path) -> None:
 
 def markdown(groups: list[Group], failed: dict[str, str], refused: dict[str, str]) -> str:
     seeds = max(len(g.runs) for g in groups)
-    front = {groups[i].name for i in pareto_front([(g.total_bytes, g.mean("final_accuracy")) for g in groups])}
+    front = {groups[i].name for i in pareto_front([(g.total_bytes, g.mean("final_score")) for g in groups])}
     lines = [
         "| cell | final accuracy | best accuracy | bytes down | bytes up | per client-round down / up "
         "| rounds to target | bytes to target | simulated time to target | epsilon | wall time | Pareto |",
@@ -98,7 +98,7 @@ def markdown(groups: list[Group], failed: dict[str, str], refused: dict[str, str
     for g in groups:
         lines.append("| " + " | ".join([
             g.name + (f" ({len(g.runs)} seeds)" if seeds > 1 else ""),
-            _pm(g, "final_accuracy"), _pm(g, "best_accuracy"),
+            _pm(g, "final_score"), _pm(g, "best_score"),
             human_bytes(g.mean("total_bytes_down")), human_bytes(g.mean("total_bytes_up")),
             f"{human_bytes(g.mean('bytes_per_client_round_down'))} / {human_bytes(g.mean('bytes_per_client_round_up'))}",
             _target(g, "rounds_to_target", "{:.1f}"), _target(g, "bytes_to_target", None),

@@ -17,7 +17,7 @@ from fedtune.hardware.planner import Plan, plan_client
 from fedtune.hardware.profiles import assign_devices
 from fedtune.hardware.schedule import ClientTime, available, failures, round_seconds
 from fedtune.methods.base import Method
-from fedtune.models import Classifier
+from fedtune.tasks import Learner
 from fedtune.report.rows import HardwareRow
 from fedtune.rounds.participation import ClientReport, Participation, Sampler
 
@@ -25,14 +25,14 @@ log = logging.getLogger("fedtune")
 
 
 class Fleet(Participation):
-    def __init__(self, config: RunConfig, classifier: Classifier, method: type[Method], sampler: Sampler) -> None:
+    def __init__(self, config: RunConfig, learner: Learner, method: type[Method], sampler: Sampler) -> None:
         clients = list(range(config.partition.num_clients))  # partition ids
         super().__init__(clients, sampler, config.train.local_steps)
         self.config, self.method = config, method
         self.kind = method.kind
         self.devices: dict[int, DeviceProfile] = dict(zip(clients, assign_devices(config.hardware, len(clients), config.run.seed)))
-        self.shape = ModelShape.of(classifier.model)
-        footprint = method.footprint(config, classifier, {*config.hardware.rank_choices, config.lora.rank})
+        self.shape = ModelShape.of(learner.model)
+        footprint = method.footprint(config, learner, {*config.hardware.rank_choices, config.lora.rank})
         context = config.model.max_length  # the worst case: every sequence padded to the limit
         self.plans: dict[int, Plan] = {c: plan_client(config, self.kind, self.shape, d, context, footprint) for c, d in self.devices.items()}
         self.clock = 0.0

@@ -1,4 +1,4 @@
-"""PEFT plumbing shared by the methods: wrap a classifier with LoRA, find its LoRA
+"""PEFT plumbing shared by the methods: wrap a learner with LoRA, find its LoRA
 layers, read and write its trainable tensors by name, count what it trains, and
 save it where transformers + PEFT load it."""
 
@@ -16,16 +16,16 @@ from peft.utils.error import NoMatchingPeftModuleError
 
 from fedtune.config import LoraSection, RunConfig
 from fedtune.errors import FedtuneError
-from fedtune.models import Classifier, export_info
+from fedtune.tasks import Learner
 from fedtune.task import load_model
 from fedtune.wire import TensorDict
 
 PREFIX = "base_model.model."  # where PeftModel puts the wrapped model's names
 
 
-def wrap_with_lora(classifier: Classifier, cfg: LoraSection, seed: int) -> PeftModel:
+def wrap_with_lora(learner: Learner, cfg: LoraSection, seed: int) -> PeftModel:
     """Inject LoRA into ``cfg.target_modules`` (empty: PEFT's default for the
-    architecture, the attention query and value projections); the classifier head
+    architecture, the attention query and value projections); a classifier's head
     is trained in full. The seed fixes the random init of A."""
     torch.manual_seed(seed)
     config = LoraConfig(
@@ -33,12 +33,12 @@ def wrap_with_lora(classifier: Classifier, cfg: LoraSection, seed: int) -> PeftM
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
         target_modules=list(cfg.target_modules) or None,
-        modules_to_save=[classifier.head_name],
+        modules_to_save=[learner.head_name] if learner.head_name else None,
     )
     try:
-        return get_peft_model(classifier.model, config)
+        return get_peft_model(learner.model, config)
     except (NoMatchingPeftModuleError, ValueError) as exc:
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in classifier.model.named_modules() if isinstance(m, torch.nn.Linear)})
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in learner.model.named_modules() if isinstance(m, torch.nn.Linear)})
         raise FedtuneError(
             f"lora.target_modules {list(cfg.target_modules)} fits no layer of this model "
             f"({type(exc).__name__}); its linear layers are: {', '.join(linear)}"
@@ -82,40 +82,40 @@ def check_ranks(config: RunConfig, model: PeftModel) -> None:
 
 
 @contextmanager
-def temporarily_wrapped(classifier: Classifier, cfg: LoraSection, seed: int) -> Iterator[PeftModel]:
-    """The classifier wrapped with LoRA inside the block and unwrapped after it: for
+def temporarily_wrapped(learner: Learner, cfg: LoraSection, seed: int) -> Iterator[PeftModel]:
+    """The learner wrapped with LoRA inside the block and unwrapped after it: for
     methods that need PEFT's choice of layers but train no standard LoRA."""
-    model = wrap_with_lora(classifier, cfg, seed)
+    model = wrap_with_lora(learner, cfg, seed)
     try:
         yield model
     finally:
         model.unload()
 
 
-def adapter_footprint(classifier: Classifier, cfg: LoraSection, seed: int, ranks: set[int]) -> tuple[dict[int, int], int]:
+def adapter_footprint(learner: Learner, cfg: LoraSection, seed: int, ranks: set[int]) -> tuple[dict[int, int], int]:
     """Trained parameters of a LoRA adapter at each rank (rank * (in + out) per
     adapted layer, plus the head), and the largest tensor zeroth-order tuning
     perturbs (an adapted layer's weight or the head)."""
-    with temporarily_wrapped(classifier, cfg, seed) as peft:
+    with temporarily_wrapped(learner, cfg, seed) as peft:
         layers = [layer.base_layer for layer in lora_layers(peft).values()]
-    head = sum(p.numel() for p in getattr(classifier.model, classifier.head_name).parameters())
+    head = sum(p.numel() for p in getattr(learner.model, learner.head_name).parameters()) if learner.head_name else 0
     per_rank = sum(layer.in_features + layer.out_features for layer in layers)
     largest = max([layer.weight.numel() for layer in layers] + [head])
     return {r: r * per_rank + head for r in ranks}, largest
 
 
-def save_adapter(model: PeftModel, classifier: Classifier, directory: Path) -> None:
-    """A PEFT adapter directory (LoRA weights and the trained head), the tokenizer,
-    and fedtune.json with what a loader needs besides: label count, pad token, prompt."""
+def save_adapter(model: PeftModel, learner: Learner, directory: Path) -> None:
+    """A PEFT adapter directory (LoRA weights and any trained head), the tokenizer,
+    and fedtune.json with what a loader needs besides (the learner's export_info)."""
     model.save_pretrained(directory)
-    classifier.tokenizer.save_pretrained(directory)
-    export_info(directory, classifier, model.peft_config["default"].base_model_name_or_path)
+    learner.tokenizer.save_pretrained(directory)
+    learner.export_info(directory, model.peft_config["default"].base_model_name_or_path)
 
 
 def export_as_lora(config: RunConfig, rank: int, alpha: float, tensors: TensorDict, directory: Path) -> None:
     """Save ``tensors`` (every lora_A, lora_B and head tensor of a standard LoRA
     adapter of this rank and alpha) with :func:`save_adapter`, on a fresh base model."""
-    classifier = load_model(config)
-    model = wrap_with_lora(classifier, dataclasses.replace(config.lora, rank=rank, alpha=alpha), config.run.seed)
+    learner = load_model(config)
+    model = wrap_with_lora(learner, dataclasses.replace(config.lora, rank=rank, alpha=alpha), config.run.seed)
     load_trainable_state(model, tensors)
-    save_adapter(model, classifier, directory)
+    save_adapter(model, learner, directory)

@@ -25,7 +25,7 @@ from fedtune.config import RunConfig
 from fedtune.data import TextDataset
 from fedtune.errors import FedtuneError
 from fedtune.methods.adapters import adapter_footprint, check_ranks, temporarily_wrapped
-from fedtune.models import Classifier
+from fedtune.tasks import Learner
 from fedtune.privacy.dp_sgd import DPSGD
 from fedtune.privacy.mechanism import clip_update
 from fedtune.wire import TensorDict
@@ -162,10 +162,10 @@ class Method(ABC):
         raise NotImplementedError(f"{cls.name} trains one rank for all clients")
 
     @classmethod
-    def footprint(cls, config: RunConfig, classifier: Classifier, ranks: set[int]) -> Footprint:
+    def footprint(cls, config: RunConfig, learner: Learner, ranks: set[int]) -> Footprint:
         """What the hardware planner charges: a LoRA adapter at each rank in ``ranks``,
         and zeroth-order tuning of the layers LoRA would adapt."""
-        return Footprint(*adapter_footprint(classifier, config.lora, config.run.seed, ranks))
+        return Footprint(*adapter_footprint(learner, config.lora, config.run.seed, ranks))
 
     def private_release_blocker(self) -> str | None:
         """Why this method, as configured, cannot run under differential privacy, or None."""
@@ -176,16 +176,16 @@ class Method(ABC):
         ``result.start`` taken as one vector, scaled to L2 norm at most ``bound``."""
         return dataclasses.replace(result, tensors=clip_update(result.tensors, result.start, bound)[0])
 
-    def check(self, classifier: Classifier) -> None:
+    def check(self, learner: Learner) -> None:
         """Raise, before server_init and without its cost, the one-line error a user's
         mistake would meet later (the CLI's preflight, the ServerApp): by default,
         that LoRA fits the model at every configured rank."""
-        with temporarily_wrapped(classifier, self.config.lora, self.config.run.seed) as peft:
+        with temporarily_wrapped(learner, self.config.lora, self.config.run.seed) as peft:
             check_ranks(self.config, peft)
 
     # -- server half ---------------------------------------------------------
     @abstractmethod
-    def server_init(self, classifier: Classifier) -> None:
+    def server_init(self, learner: Learner) -> None:
         """Build the global state from the base model (loaded with the run seed)."""
 
     @abstractmethod
@@ -239,8 +239,8 @@ class Method(ABC):
 
     # -- client half ---------------------------------------------------------
     @abstractmethod
-    def client_train(self, classifier: Classifier, downlink: TensorDict, job: ClientJob) -> LocalResult:
+    def client_train(self, learner: Learner, downlink: TensorDict, job: ClientJob) -> LocalResult:
         """Start from ``downlink``, train locally on ``job.data``, return what to send up.
 
-        ``classifier`` is a freshly loaded base model the method may modify.
+        ``learner`` is a freshly loaded base model the method may modify.
         """

@@ -19,13 +19,13 @@ from collections import OrderedDict
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+import numpy as np
 from peft import PeftModel
 from torch import nn
 
 from fedtune.clients import client_name
 from fedtune.config import RunConfig
-from fedtune.data import TextDataset
+from fedtune.tasks import Examples
 from fedtune.errors import FedtuneError
 from fedtune.methods.adapters import (
     PREFIX,
@@ -38,7 +38,7 @@ from fedtune.methods.adapters import (
 )
 from fedtune.methods.base import ClientJob, ClientUpdate, LocalResult
 from fedtune.methods.lora import AveragedAdapter, train_adapter
-from fedtune.models import Classifier
+from fedtune.tasks import Learner
 from fedtune.rounds.release import Release
 from fedtune.task import server_data
 from fedtune.wire import TensorDict
@@ -50,11 +50,11 @@ class FedSB(AveragedAdapter):
     name = "fed_sb"
     lossy_downlink = False
 
-    def wrap(self, classifier: Classifier, bases: TensorDict, seed: int) -> PeftModel:
+    def wrap(self, learner: Learner, bases: TensorDict, seed: int) -> PeftModel:
         """LoRA with A and B fixed to ``bases`` and R (zero) trainable in each layer:
         PEFT's lora_B becomes the plain linear layers R then B, which Opacus'
         per-example gradients support as they are."""
-        model = wrap_with_lora(classifier, self.config.lora, seed)
+        model = wrap_with_lora(learner, self.config.lora, seed)
         rank = self.config.lora.rank
         for path, layer in lora_layers(model).items():
             a = layer.lora_A["default"]
@@ -67,16 +67,16 @@ class FedSB(AveragedAdapter):
             layer.lora_B["default"] = nn.Sequential(OrderedDict(R=r, B=b))
         return model
 
-    def check(self, classifier: Classifier) -> None:
+    def check(self, learner: Learner) -> None:
         server_data(self.config, self.config.fed_sb.calibration_size)
-        super().check(classifier)
+        super().check(learner)
 
     # -- server ----------------------------------------------------------------
-    def server_init(self, classifier: Classifier) -> None:
-        self.classifier = classifier
+    def server_init(self, learner: Learner) -> None:
+        self.learner = learner
         calibration = server_data(self.config, self.config.fed_sb.calibration_size)
-        self.bases = _bases_from_first_update(classifier, calibration, self.config)
-        self.model = self.wrap(classifier, self.bases, self.config.run.seed)
+        self.bases = _bases_from_first_update(learner, calibration, self.config)
+        self.model = self.wrap(learner, self.bases, self.config.run.seed)
         self.global_tensors = trainable_state(self.model)
         self.has_bases: set[int] = set()
 
@@ -102,23 +102,23 @@ class FedSB(AveragedAdapter):
         export_as_lora(self.config, self.config.lora.rank, self.config.lora.alpha, tensors, directory)
 
     # -- client ----------------------------------------------------------------
-    def client_train(self, classifier: Classifier, downlink: TensorDict, job: ClientJob) -> LocalResult:
+    def client_train(self, learner: Learner, downlink: TensorDict, job: ClientJob) -> LocalResult:
         if any(n.startswith(BASIS) for n in downlink):
             job.state.clear()
             job.state.update({n.removeprefix(BASIS): t for n, t in downlink.items() if n.startswith(BASIS)})
         if not job.state:
             raise FedtuneError(f"{client_name(job.client)} holds no Fed-SB bases and the server sent none")
-        model = self.wrap(classifier, job.state, job.seed)
+        model = self.wrap(learner, job.state, job.seed)
         load_trainable_state(model, {n: t for n, t in downlink.items() if not n.startswith(BASIS)})
-        return train_adapter(model, classifier, job, self.config.train)
+        return train_adapter(model, learner, job, self.config.train)
 
 
-def _bases_from_first_update(classifier: Classifier, data: TextDataset, config: RunConfig) -> TensorDict:
+def _bases_from_first_update(learner: Learner, data: Examples, config: RunConfig) -> TensorDict:
     """Per LoRA layer, A (r x in) and B (out x r): the top-r right and left singular
     vectors of -sign(sum of the calibration gradients of its base weight). (Adam's
     first step also has the factor lr, which changes no singular vector.)"""
     rank = config.lora.rank
-    with temporarily_wrapped(classifier, config.lora, config.run.seed) as peft:
+    with temporarily_wrapped(learner, config.lora, config.run.seed) as peft:
         weights = {path: layer.base_layer.weight for path, layer in lora_layers(peft).items()}
         for p in peft.parameters():
             p.requires_grad_(False)
@@ -127,8 +127,8 @@ def _bases_from_first_update(classifier: Classifier, data: TextDataset, config: 
                 w.requires_grad_(True)
             batch = config.train.physical_batch  # summed: the chunking bounds memory only
             for start in range(0, len(data), batch):  # eval mode: no dropout, the same bases every time
-                logits = peft(**classifier.encode(data.texts[start : start + batch])).logits
-                F.cross_entropy(logits, torch.as_tensor(data.labels[start : start + batch]), reduction="sum").backward()
+                idx = np.arange(start, min(start + batch, len(data)))
+                (learner.loss(peft, data, idx)[0] * len(idx)).backward()
         finally:
             for w in weights.values():
                 w.requires_grad_(False)

@@ -17,29 +17,29 @@ from fedtune.methods.adapters import (
 )
 from fedtune.methods.base import ClientJob, LocalResult
 from fedtune.methods.lora import AveragedAdapter, train_adapter
-from fedtune.models import Classifier
+from fedtune.tasks import Learner
 from fedtune.wire import TensorDict
 
 
 class FedIT(AveragedAdapter):
     name = "fedit"
 
-    def wrap(self, classifier: Classifier, seed: int) -> PeftModel:
-        """The classifier with this method's trainable adapter."""
-        return wrap_with_lora(classifier, self.config.lora, seed)
+    def wrap(self, learner: Learner, seed: int) -> PeftModel:
+        """The learner with this method's trainable adapter."""
+        return wrap_with_lora(learner, self.config.lora, seed)
 
-    def server_init(self, classifier: Classifier) -> None:
-        self.classifier = classifier
-        self.model = self.wrap(classifier, self.config.run.seed)
+    def server_init(self, learner: Learner) -> None:
+        self.learner = learner
+        self.model = self.wrap(learner, self.config.run.seed)
         self.global_tensors = trainable_state(self.model)
 
     def server_downlink(self, client: int) -> TensorDict:
         return self.global_tensors
 
     def export(self, directory: Path) -> None:
-        save_adapter(self.model, self.classifier, directory)
+        save_adapter(self.model, self.learner, directory)
 
-    def client_train(self, classifier: Classifier, downlink: TensorDict, job: ClientJob) -> LocalResult:
-        model = self.wrap(classifier, job.seed)
+    def client_train(self, learner: Learner, downlink: TensorDict, job: ClientJob) -> LocalResult:
+        model = self.wrap(learner, job.seed)
         load_trainable_state(model, downlink)
-        return train_adapter(model, classifier, job, self.config.train)
+        return train_adapter(model, learner, job, self.config.train)

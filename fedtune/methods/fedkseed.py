@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fedtune import zeroth_order as zo
@@ -43,7 +42,7 @@ from fedtune.methods.base import (
     UplinkSpec,
 )
 from fedtune.methods.replay import RoundLog, catch_up
-from fedtune.models import Classifier, export_info
+from fedtune.tasks import Learner
 from fedtune.rounds.release import Release
 from fedtune.task import derive_seed
 from fedtune.training import TrainStats, batch_order
@@ -65,13 +64,13 @@ class FedKSeed(Method):
         self.k = config.fedkseed.num_seeds
         self.seeds = [derive_seed(config.run.seed, 0x5EED, j) for j in range(self.k)]
 
-    def tuned(self, classifier: Classifier) -> list[zo.Tuned]:
-        """The tuned parameters of ``classifier``, per ``fedkseed.params``."""
+    def tuned(self, learner: Learner) -> list[zo.Tuned]:
+        """The tuned parameters of ``learner``, per ``fedkseed.params``."""
         patterns = self.config.fedkseed.params
-        names = [n for n, _ in classifier.model.named_parameters()]
-        head = [n for n in names if n.startswith(classifier.head_name + ".")]
+        names = [n for n, _ in learner.model.named_parameters()]
+        head = [n for n in names if learner.head_name and n.startswith(learner.head_name + ".")]
         if not patterns:
-            with temporarily_wrapped(classifier, self.config.lora, self.config.run.seed) as peft:
+            with temporarily_wrapped(learner, self.config.lora, self.config.run.seed) as peft:
                 targets = {f"{path}.weight" for path in lora_layers(peft)}
             chosen = [n for n in names if n in targets] + head
         elif "all" in patterns:
@@ -80,7 +79,7 @@ class FedKSeed(Method):
             chosen = [n for n in names if any(p in n for p in patterns if p != "head") or ("head" in patterns and n in head)]
         if not chosen:
             raise FedtuneError(f"fedkseed.params {patterns} matches no parameter of this model")
-        return zo.tuned_parameters(classifier.model, chosen)
+        return zo.tuned_parameters(learner.model, chosen)
 
     def apply(self, tuned: list[zo.Tuned], scalars: torch.Tensor) -> list[str]:
         """Replay one round: w -= lr * s_j * z(seed_j) for every seed with s_j != 0."""
@@ -88,13 +87,13 @@ class FedKSeed(Method):
             zo.move(tuned, self.seeds[j], -self.config.train.lr * float(scalars[j]))
         return [t.name for t in tuned]
 
-    def check(self, classifier: Classifier) -> None:
-        self.tuned(classifier)
+    def check(self, learner: Learner) -> None:
+        self.tuned(learner)
 
     # -- server ----------------------------------------------------------------
-    def server_init(self, classifier: Classifier) -> None:
-        self.classifier = classifier
-        self.tuned_params = self.tuned(classifier)
+    def server_init(self, learner: Learner) -> None:
+        self.learner = learner
+        self.tuned_params = self.tuned(learner)
         self.log = RoundLog()
         # FedKSeed-Pro's history: sum and count of clipped |g| per seed, starting
         # from one zero each (the reference's initial value).
@@ -153,13 +152,13 @@ class FedKSeed(Method):
         self.amplitude_sum, self.amplitude_count = state["amplitude_sum"], state["amplitude_count"]
 
     def server_model(self) -> nn.Module:
-        return self.classifier.model
+        return self.learner.model
 
     def export(self, directory: Path) -> None:
         """Full-parameter tuning: a complete Hugging Face model directory."""
-        self.classifier.model.save_pretrained(directory)
-        self.classifier.tokenizer.save_pretrained(directory)
-        export_info(directory, self.classifier, base_model=None)
+        self.learner.model.save_pretrained(directory)
+        self.learner.tokenizer.save_pretrained(directory)
+        self.learner.export_info(directory, base_model=None)
 
     def private_release_blocker(self) -> str | None:
         if self.config.fedkseed.pro:
@@ -225,9 +224,9 @@ class FedKSeed(Method):
         return seeds.long(), scalars
 
     # -- client ----------------------------------------------------------------
-    def client_train(self, classifier: Classifier, downlink: TensorDict, job: ClientJob) -> LocalResult:
-        tuned = self.tuned(classifier)
-        catch_up(classifier.model, downlink, job.state, lambda delta: self.apply(tuned, self.decode_scalars(delta)))
+    def client_train(self, learner: Learner, downlink: TensorDict, job: ClientJob) -> LocalResult:
+        tuned = self.tuned(learner)
+        catch_up(learner.model, downlink, job.state, lambda delta: self.apply(tuned, self.decode_scalars(delta)))
         probs = None
         if PROBS in downlink:
             probs = torch.softmax(downlink[PROBS].double() / 255, 0).numpy()
@@ -235,15 +234,18 @@ class FedKSeed(Method):
         rng = np.random.default_rng(job.seed)
         steps = job.local_steps or t.local_steps
         draws = rng.choice(self.k, size=steps, p=probs)
-        model = classifier.model.eval()  # no dropout: both forward passes see the same function
+        model = learner.model.eval()  # no dropout: both forward passes see the same function
         scalars, losses, tokens, sequences = [], [], 0, 0
         for j, idx in zip(draws, batch_order(len(job.data), steps, t.batch_size, job.seed)):
-            batch = classifier.encode([job.data.texts[i] for i in idx])
-            tokens, sequences = tokens + batch["input_ids"].numel(), sequences + len(idx)
-            labels = torch.as_tensor(job.data.labels[idx])
-            g, loss = zo.spsa_step(
-                lambda: F.cross_entropy(model(**batch).logits, labels).item(), tuned, self.seeds[j], eps, t.lr
-            )
+            seen = []  # the token positions of each forward pass
+
+            def batch_loss(idx=idx) -> float:
+                loss, positions = learner.loss(model, job.data, idx)
+                seen.append(positions)
+                return loss.item()
+
+            g, loss = zo.spsa_step(batch_loss, tuned, self.seeds[j], eps, t.lr)
+            tokens, sequences = tokens + seen[0], sequences + len(idx)
             scalars.append(g)
             losses.append(loss)
         seeds, values = torch.from_numpy(draws.astype(np.int32)), torch.tensor(scalars, dtype=torch.float32)

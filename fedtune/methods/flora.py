@@ -32,7 +32,7 @@ from fedtune.methods.adapters import (
 from fedtune.methods.base import ClientJob, ClientUpdate, LocalResult, Method
 from fedtune.methods.lora import train_adapter
 from fedtune.methods.replay import RoundLog, catch_up
-from fedtune.models import Classifier
+from fedtune.tasks import Learner
 from fedtune.rounds.release import Release
 from fedtune.wire import TensorDict
 
@@ -54,13 +54,13 @@ class FLoRA(Method):
         return ranks[client] if ranks else self.config.lora.rank
 
     # -- server ----------------------------------------------------------------
-    def server_init(self, classifier: Classifier) -> None:
+    def server_init(self, learner: Learner) -> None:
         # PEFT's layer and head names; the global model is the plain one, into
         # which each round is merged.
-        with temporarily_wrapped(classifier, self.config.lora, self.config.run.seed) as peft:
+        with temporarily_wrapped(learner, self.config.lora, self.config.run.seed) as peft:
             self.targets = {path: layer.base_layer for path, layer in lora_layers(peft).items()}
             self.head_names = [n for n in trainable_state(peft) if "lora_" not in n]
-        self.model = classifier.model
+        self.model = learner.model
         self.params = dict(self.model.named_parameters())
         self.log = RoundLog()  # each round's stacked factors
 
@@ -117,17 +117,17 @@ class FLoRA(Method):
         export_as_lora(self.config, rank, float(rank), tensors, directory)
 
     # -- client ----------------------------------------------------------------
-    def client_train(self, classifier: Classifier, downlink: TensorDict, job: ClientJob) -> LocalResult:
-        params = dict(classifier.model.named_parameters())
-        catch_up(classifier.model, downlink, job.state, lambda factors: _merge(params, factors))
+    def client_train(self, learner: Learner, downlink: TensorDict, job: ClientJob) -> LocalResult:
+        params = dict(learner.model.named_parameters())
+        catch_up(learner.model, downlink, job.state, lambda factors: _merge(params, factors))
         with torch.no_grad():
             for name, tensor in downlink.items():
                 if name.startswith(HEAD):
                     params[name.removeprefix(HEAD)].copy_(tensor)
 
         lora = dataclasses.replace(self.config.lora, rank=self.rank(job.client))
-        model = wrap_with_lora(classifier, lora, job.seed)
-        return train_adapter(model, classifier, job, self.config.train)
+        model = wrap_with_lora(learner, lora, job.seed)
+        return train_adapter(model, learner, job, self.config.train)
 
 
 def _merge(params: dict[str, nn.Parameter], factors: TensorDict) -> list[str]:

@@ -9,17 +9,17 @@ from peft import PeftModel
 from fedtune.config import TrainSection
 from fedtune.methods.adapters import load_trainable_state, trainable_state
 from fedtune.methods.base import ClientJob, ClientUpdate, LocalResult, Method
-from fedtune.models import Classifier
+from fedtune.tasks import Learner
 from fedtune.rounds.release import Release
 from fedtune.training import train_steps
 from fedtune.wire import TensorDict
 
 
-def train_adapter(model: PeftModel, classifier: Classifier, job: ClientJob, t: TrainSection) -> LocalResult:
+def train_adapter(model: PeftModel, learner: Learner, job: ClientJob, t: TrainSection) -> LocalResult:
     """Local training of ``model``'s trainable tensors, by DP-SGD if the job says
     so; the result also holds where they started, against which DP clips."""
     start = trainable_state(model)
-    stats = train_steps(model, classifier, job.data, job.local_steps or t.local_steps, t, job.seed, dp=job.dp_sgd)
+    stats = train_steps(model, learner, job.data, job.local_steps or t.local_steps, t, job.seed, dp=job.dp_sgd)
     # FedAvg weights by local dataset size, not by examples processed.
     return LocalResult(trainable_state(model), len(job.data), stats.metrics(), start)
 

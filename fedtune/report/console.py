@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from tqdm import tqdm
 
-from fedtune.report.rows import RoundRow, RunSummary
+from fedtune.report.rows import METRIC_NAMES, RoundRow, RunSummary
 
 
 def format_round(row: RoundRow, zero_shot: float | None = None, majority: float | None = None, dropped: bool = False) -> str:
-    """One round: accuracy against the baselines known, loss, bytes, privacy spent,
+    """One round: the task's score against the baselines known, loss, bytes, privacy spent,
     and who took part; with ``dropped``, a line more for each uplink refused or
     client lost (where the server's own log is not on the console)."""
     head = "zero-shot" if row.round == 0 else f"round {row.round}"
@@ -17,7 +17,10 @@ def format_round(row: RoundRow, zero_shot: float | None = None, majority: float 
     baselines += [f"majority class {majority:.3f}"] if majority is not None else []
     reference = f" ({', '.join(baselines)})" if baselines else ""
     privacy = f"  epsilon {row.epsilon:.2f}" if row.epsilon is not None else ""
-    line = (f"{head:>9}: accuracy {row.accuracy:.3f}{reference}  loss {row.loss:.3f}  "
+    score = f"{METRIC_NAMES[row.metric]} {row.score:.3f}{reference}  " if row.score is not None else ""
+    extra = f"  macro-F1 {row.macro_f1:.3f}" if row.macro_f1 is not None else ""
+    extra += f"  perplexity {row.perplexity:.2f}" if row.perplexity is not None else ""
+    line = (f"{head:>9}: {score}loss {row.loss:.3f}{extra}  "
             f"down {human_bytes(row.bytes_down)}  up {human_bytes(row.bytes_up)}{privacy}")
     if row.sampled is not None:
         line += f"  clients {row.aggregated or 0}/{row.sampled}"
@@ -37,14 +40,15 @@ def print_round(row: RoundRow, zero_shot: float | None = None, majority: float |
 
 
 def summary_table(s: RunSummary) -> str:
-    rows = [
-        ("final accuracy", f"{s.final_accuracy:.3f}"),
-        ("best accuracy", f"{s.best_accuracy:.3f}"),
-        ("zero-shot accuracy", f"{s.zero_shot_accuracy:.3f}"),
-        ("majority-class accuracy", f"{s.majority_accuracy:.3f}"),
-    ]
-    if s.centralized_accuracy is not None:
-        rows.append(("centralized baseline", f"{s.centralized_accuracy:.3f}"))
+    name = METRIC_NAMES[s.metric]
+    figures = [(f"final {name}", s.final_score), (f"best {name}", s.best_score), (f"zero-shot {name}", s.zero_shot_score),
+               (f"majority-class {name}", s.majority_score), ("final macro-F1", s.final_macro_f1),
+               ("final perplexity", s.final_perplexity)]
+    rows = [(k, f"{v:.3f}") for k, v in figures if v is not None]
+    if s.zero_shot_loss is not None:
+        rows.append(("held-out loss, zero-shot -> final", f"{s.zero_shot_loss:.3f} -> {s.final_loss:.3f}"))
+    if s.centralized_score is not None:
+        rows.append(("centralized baseline", f"{s.centralized_score:.3f}"))
     if s.privacy is not None:
         rows.append((f"{s.privacy}-level DP", f"epsilon {s.epsilon:.2f}, delta {s.delta:g}"))
     if s.stopped is not None:
@@ -62,7 +66,7 @@ def summary_table(s: RunSummary) -> str:
         text = "not reached" if reached is None else f"round {reached}, {human_bytes(s.bytes_to_target)}"
         if reached is not None and s.sim_time_to_target_s is not None:
             text += f", {s.sim_time_to_target_s:.1f} s simulated"
-        rows.append((f"accuracy {s.target_accuracy:.2f}", text))
+        rows.append((f"{name} {s.target_accuracy:.2f}", text))
     rows += [
         ("bytes down / up", f"{human_bytes(s.total_bytes_down)} / {human_bytes(s.total_bytes_up)}"),
         ("per client-round down / up", f"{human_bytes(s.bytes_per_client_round_down)} / "

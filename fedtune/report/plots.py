@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from fedtune.report.rows import RoundRow, RunSummary
+from fedtune.report.rows import METRIC_NAMES, RoundRow, RunSummary
 
 
 def pyplot():
@@ -27,19 +27,22 @@ def save_figure(fig, path: Path) -> None:
     pyplot().close(fig)
 
 
-def plot_accuracy_vs_bytes(rows: list[RoundRow], path: Path, summary: RunSummary) -> None:
+def plot_score_vs_bytes(rows: list[RoundRow], path: Path, summary: RunSummary) -> None:
+    """The task's score after each evaluated round against the bytes sent so far."""
     plt = pyplot()
+    rows = [r for r in rows if r.score is not None]
     total = [(r.cum_bytes_down + r.cum_bytes_up) / 1e6 for r in rows]
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(total, [r.accuracy for r in rows], marker="o", label=summary.method)
-    ax.axhline(summary.majority_accuracy, color="grey", linestyle=":", label="majority class")
-    if summary.centralized_accuracy is not None:
-        ax.axhline(summary.centralized_accuracy, color="green", linestyle="--", label="centralized")
+    ax.plot(total, [r.score for r in rows], marker="o", label=summary.method)
+    if summary.majority_score is not None:
+        ax.axhline(summary.majority_score, color="grey", linestyle=":", label="majority class")
+    if summary.centralized_score is not None:
+        ax.axhline(summary.centralized_score, color="green", linestyle="--", label="centralized")
     for r, x in zip(rows, total):
-        ax.annotate(f"r{r.round}", (x, r.accuracy), textcoords="offset points", xytext=(4, -10), fontsize=8)
+        ax.annotate(f"r{r.round}", (x, r.score), textcoords="offset points", xytext=(4, -10), fontsize=8)
     ax.set_xlabel("cumulative bytes, down + up (MB)")
-    ax.set_ylabel("held-out accuracy")
-    ax.set_title(f"{summary.method} on {summary.model}")
+    ax.set_ylabel(f"held-out {METRIC_NAMES[summary.metric]}")
+    ax.set_title(f"{summary.method}, {summary.model} on {summary.dataset}")
     ax.grid(alpha=0.3)
     ax.legend()
     save_figure(fig, path)

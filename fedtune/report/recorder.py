@@ -13,12 +13,13 @@ from fedtune.ledger import Ledger
 from fedtune.report.console import print_round
 from fedtune.report.rows import METRICS, RoundRow, RunSummary, append_row, from_json
 from fedtune.report.summary import summarize
-from fedtune.training import EvalResult
+from fedtune.tasks import EvalResult
 
 
 class Recorder:
-    def __init__(self, run_dir: Path, majority: float, resumed_round: int | None = None, wall_before: float = 0.0) -> None:
-        self.run_dir, self.majority = run_dir, majority
+    def __init__(self, run_dir: Path, majority: float | None, resumed_round: int | None = None, wall_before: float = 0.0,
+                 metric: str = "accuracy") -> None:
+        self.run_dir, self.majority, self.metric = run_dir, majority, metric
         self.started = time.perf_counter() - wall_before  # a resumed run's clock goes on
         ledger = run_dir / "ledger.jsonl"
         if resumed_round is None:
@@ -35,8 +36,11 @@ class Recorder:
         """Round ``rnd``'s row, with its bytes from the ledger; on disk and on the console at once."""
         row = RoundRow(
             round=rnd,
-            accuracy=result.accuracy,
+            score=result.score,
             loss=result.loss,
+            macro_f1=result.macro_f1,
+            perplexity=result.perplexity,
+            metric=self.metric,
             bytes_down=self.ledger.total("down", rnd),
             bytes_up=self.ledger.total("up", rnd),
             cum_bytes_down=self.ledger.total("down"),
@@ -47,8 +51,8 @@ class Recorder:
         )
         self.rows.append(row)
         append_row(self.run_dir, row)
-        print_round(row, self.rows[0].accuracy if rnd else None, self.majority)
+        print_round(row, self.rows[0].score if rnd else None, self.majority)
         return row
 
     def summary(self, config: RunConfig, stopped: str | None, privacy: dict[str, object] | None = None) -> RunSummary:
-        return summarize(config, self.rows, self.ledger, self.majority, self.wall_time(), stopped, privacy)
+        return summarize(config, self.rows, self.ledger, self.majority, self.wall_time(), stopped, privacy, self.metric)

@@ -13,6 +13,7 @@ from typing import Any
 
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
+METRIC_NAMES = {"accuracy": "accuracy", "rouge_l": "Rouge-L"}  # a task's score, as people read it
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ class Dropped:
 @dataclass(frozen=True)
 class RoundRow:
     round: int  # 0: the model before any training (zero-shot)
-    accuracy: float
+    score: float | None  # the task metric: accuracy (classify), Rouge-L (instruct; None on rounds that do not generate)
     loss: float
     bytes_down: int  # payload bytes this round (every attempt)
     bytes_up: int
@@ -59,6 +60,9 @@ class RoundRow:
     skipped: bool = False  # too few valid updates: the model is unchanged
     epsilon: float | None = None  # privacy spent so far (the largest over clients)
     hardware: HardwareRow | None = None
+    macro_f1: float | None = None  # classify with more than two classes
+    perplexity: float | None = None  # instruct
+    metric: str = "accuracy"  # what score is: accuracy (classify) or rouge_l (instruct)
 
 
 @dataclass(frozen=True)
@@ -66,11 +70,11 @@ class RunSummary:
     method: str
     model: str
     rounds: int
-    final_accuracy: float
-    best_accuracy: float
+    final_score: float | None  # of the last round that measured it (instruct: generated)
+    best_score: float | None
     final_loss: float
-    majority_accuracy: float
-    zero_shot_accuracy: float
+    majority_score: float | None  # classify: always predicting the majority class
+    zero_shot_score: float | None
     total_bytes_down: int
     total_bytes_up: int
     bytes_per_client_round_down: int
@@ -94,9 +98,14 @@ class RunSummary:
     bytes_to_target: int | None = None
     sim_time_to_target_s: float | None = None
     stopped: str | None = None  # why the run ended before run.rounds
-    centralized_accuracy: float | None = None  # the centralized baseline (run.centralized_baseline)
+    centralized_score: float | None = None  # the centralized baseline (run.centralized_baseline)
     centralized_loss: float | None = None
     centralized_steps: int | None = None
+    metric: str = "accuracy"  # what the scores are: accuracy (classify) or rouge_l (instruct)
+    dataset: str = ""  # data.source's name
+    zero_shot_loss: float | None = None
+    final_macro_f1: float | None = None
+    final_perplexity: float | None = None
 
     @property
     def total_bytes(self) -> int:

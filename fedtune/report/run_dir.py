@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from fedtune.config import RunConfig
-from fedtune.report.plots import plot_accuracy_vs_bytes
+from fedtune.report.plots import plot_score_vs_bytes
 from fedtune.report.rows import (
     SUMMARY,
     RoundRow,
@@ -20,9 +20,13 @@ from fedtune.report.rows import (
     read_summary,
     to_json,
 )
-from fedtune.training import EvalResult
+from fedtune.tasks import EvalResult, Generation
 
-PLOT = "accuracy_vs_bytes.png"
+GENERATIONS = "generations.jsonl"
+
+
+def plot_path(run_dir: Path, summary: RunSummary) -> Path:
+    return run_dir / f"{summary.metric}_vs_bytes.png"
 
 
 def create_run_dir(config: RunConfig) -> Path:
@@ -61,12 +65,19 @@ def write_atomic(path: Path, text: str) -> None:
 
 def finish(run_dir: Path, rows: list[RoundRow], summary: RunSummary) -> None:
     write_atomic(run_dir / SUMMARY, json.dumps(to_json(summary), indent=2, allow_nan=False) + "\n")
-    plot_accuracy_vs_bytes(rows, run_dir / PLOT, summary)
+    plot_score_vs_bytes(rows, plot_path(run_dir, summary), summary)
+
+
+def write_generations(run_dir: Path, zero_shot: tuple[Generation, ...], final: tuple[Generation, ...]) -> None:
+    """generations.jsonl: per held-out prompt, its reference and the zero-shot and final model's responses."""
+    lines = [json.dumps({"prompt": z.prompt, "reference": z.reference, "zero_shot": z.output, "final": f.output})
+             for z, f in zip(zero_shot, final)]
+    write_atomic(run_dir / GENERATIONS, "\n".join(lines) + "\n")
 
 
 def add_centralized(run_dir: Path, result: EvalResult, steps: int) -> RunSummary:
     """Fold the centralized baseline into summary.json and the plot."""
-    summary = dataclasses.replace(read_summary(run_dir), centralized_accuracy=result.accuracy,
+    summary = dataclasses.replace(read_summary(run_dir), centralized_score=result.score,
                                   centralized_loss=result.loss, centralized_steps=steps)
     finish(run_dir, read_rows(run_dir), summary)
     return summary

@@ -2,28 +2,36 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from fedtune.config import RunConfig
 from fedtune.ledger import Ledger
 from fedtune.report.rows import RoundRow, RunSummary
 
 
-def summarize(config: RunConfig, rows: list[RoundRow], ledger: Ledger, majority: float, wall: float,
-              stopped: str | None = None, privacy: dict[str, object] | None = None) -> RunSummary:
+def summarize(config: RunConfig, rows: list[RoundRow], ledger: Ledger, majority: float | None, wall: float,
+              stopped: str | None = None, privacy: dict[str, object] | None = None, metric: str = "accuracy") -> RunSummary:
     """``rows`` start with round 0 (the zero-shot model); ``privacy``: the privacy
     policy's summary fields (mode, epsilon spent, delta), if the run has DP. Per
     client-round figures count the messages that were sent: a client that vanished
     received its downlink but sent no uplink."""
     client_rounds, downlinks = ledger.count("up"), ledger.count("down")
     stages = sorted({s for r in rows for s in r.rejected or {}})
+    scored = [r.score for r in rows[1:] if r.score is not None]
     return RunSummary(
         method=config.federation.method,
         model=config.model.name,
+        dataset=Path(config.data.source).name,
         rounds=rows[-1].round,
-        final_accuracy=rows[-1].accuracy,
-        best_accuracy=max(r.accuracy for r in rows[1:]),
+        metric=metric,
+        final_score=scored[-1] if scored else None,
+        best_score=max(scored, default=None),
         final_loss=rows[-1].loss,
-        majority_accuracy=majority,
-        zero_shot_accuracy=rows[0].accuracy,
+        majority_score=majority,
+        zero_shot_score=rows[0].score,
+        zero_shot_loss=rows[0].loss,
+        final_macro_f1=rows[-1].macro_f1,
+        final_perplexity=rows[-1].perplexity,
         total_bytes_down=ledger.total("down"),
         total_bytes_up=ledger.total("up"),
         bytes_per_client_round_down=ledger.total("down") // max(downlinks, 1),
@@ -58,7 +66,7 @@ def _target(config: RunConfig, rows: list[RoundRow]) -> dict:
     target = config.run.target_accuracy
     if not target:
         return {}
-    hit = next((r for r in rows[1:] if r.accuracy >= target), None)
+    hit = next((r for r in rows[1:] if r.score is not None and r.score >= target), None)
     if hit is None:
         return {"target_accuracy": target}
     return {
