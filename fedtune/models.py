@@ -8,6 +8,7 @@ raw text and their head starts random, from the run's seed.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -144,10 +145,11 @@ class Classifier:
             logits = model(**self.encode([data.texts[i] for i in idx])).logits
             loss_sum += F.cross_entropy(logits, torch.as_tensor(data.labels[idx]), reduction="sum").item()
             predicted[idx] = logits.argmax(-1).numpy()
-        f1 = None
-        if len(data.label_names) > 2:
-            f1 = macro_f1(data.labels, predicted, len(data.label_names))
-        return EvalResult(score=float(np.mean(predicted == data.labels)), loss=loss_sum / len(data), macro_f1=f1)
+        result = EvalResult(score=float(np.mean(predicted == data.labels)), loss=loss_sum / len(data))
+        if len(data.label_names) <= 2:
+            return result
+        per_class = class_scores(data.labels, predicted, data.label_names)
+        return dataclasses.replace(result, per_class=per_class, macro_f1=float(np.mean([f1 for _, _, f1 in per_class.values()])))
 
     def encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
         """A padded batch (input_ids, attention_mask) of at most ``max_length`` tokens per text."""
@@ -196,11 +198,13 @@ class Classifier:
         return [t for i, t in enumerate(ids) if i not in cut]
 
 
-def macro_f1(labels: np.ndarray, predicted: np.ndarray, classes: int) -> float:
-    """The mean over classes of each one's F1 (0 for a class neither present nor predicted)."""
-    hits = np.bincount(labels[labels == predicted], minlength=classes)
-    support, claimed = np.bincount(labels, minlength=classes), np.bincount(predicted, minlength=classes)
-    return float(np.mean(2 * hits / np.maximum(support + claimed, 1)))
+def class_scores(labels: np.ndarray, predicted: np.ndarray, names: list[str]) -> dict[str, tuple[float, float, float]]:
+    """Per class: (precision, recall, F1), each 0 where its denominator is."""
+    k = len(names)
+    hits = np.bincount(labels[labels == predicted], minlength=k)
+    support, claimed = np.bincount(labels, minlength=k), np.bincount(predicted, minlength=k)
+    scores = zip(hits / np.maximum(claimed, 1), hits / np.maximum(support, 1), 2 * hits / np.maximum(support + claimed, 1))
+    return {name: tuple(round(float(x), 4) for x in s) for name, s in zip(names, scores)}
 
 
 def load_classifier(model_cfg: ModelSection, data_cfg: DataSection, num_labels: int, seed: int) -> Classifier:

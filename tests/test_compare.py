@@ -144,7 +144,7 @@ def test_report_from_synthetic_runs_has_the_known_front(tmp_path):
     # B reached 0.8 in round 2 with both seeds, after 200 KB; A never; no fleet, so no simulated time.
     assert "| 2.0 | 200.00 KB | - |" in rows["B"] and "| not reached | not reached | - |" in rows["A"]
     # B leads D by 0.000 in the mean: not a win; it beats A and C by more than the spreads.
-    assert "Highest mean final accuracy: B" in table and "not beaten by it: D." in table
+    assert "Highest mean final accuracy: B" in table and "not beaten by it: D." in table and "| final loss |" in table
     assert "Failed: E seed 0: ValueError: boom" in table
     with (comparison.output_dir / "table.csv").open() as f:
         csv_rows = list(csv.DictReader(f))
@@ -152,8 +152,8 @@ def test_report_from_synthetic_runs_has_the_known_front(tmp_path):
     assert float(next(r for r in csv_rows if r["cell"] == "C")["total_bytes_up"]) == 1_000_000
     page = report.read_text()
     assert page.count("data:image/png;base64,") == 3 and "[grid]" in page
-    assert page.count("<tr>") == 5 and "<td>B (2 seeds)</td><td>0.850 ± 0.014</td>" in page
-    for name in ("pareto.png", "accuracy_vs_bytes.png", "accuracy_vs_time.png"):
+    assert page.count("<tr>") == 5 and "<td>B (2 seeds)</td><td>0.850 ± 0.014 (0.010)</td>" in page
+    for name in ("pareto.png", "score_vs_bytes.png", "score_vs_time.png"):
         assert (comparison.output_dir / name).read_bytes()[:4] == b"\x89PNG"
 
 

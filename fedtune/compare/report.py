@@ -1,5 +1,5 @@
 """Everything `fedtune compare` writes into its output folder: table.csv, table.md,
-pareto.png, accuracy_vs_bytes.png, accuracy_vs_time.png and report.html, which
+pareto.png, score_vs_bytes.png, score_vs_time.png and report.html, which
 holds them all (images inline) with the config that produced them."""
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ from fedtune.report.rows import read_rows, read_summary
 from fedtune.report.run_dir import write_atomic
 
 PLOTS = {
-    "pareto.png": "Final accuracy against total bytes (down + up)",
-    "accuracy_vs_bytes.png": "Accuracy after each round against cumulative bytes",
-    "accuracy_vs_time.png": "Accuracy after each round against time",
+    "pareto.png": "Final score against total bytes (down + up)",
+    "score_vs_bytes.png": "Score after each round against cumulative bytes",
+    "score_vs_time.png": "Score after each round against time",
 }
+MIN_SPAN = 0.1  # the score axis spans at least this much: a gap inside the error bars must not fill the plot
 
 
 def collect(results: list[CellResult]) -> list[Group]:
@@ -48,7 +49,7 @@ def write_report(comparison: Comparison, results: list[CellResult]) -> Path:
     table = markdown(groups, failed, comparison.refused)
     write_atomic(out / "table.md", table)
     plot_pareto(groups, out / "pareto.png")
-    plot_curves(groups, out / "accuracy_vs_bytes.png", out / "accuracy_vs_time.png")
+    plot_curves(groups, out / "score_vs_bytes.png", out / "score_vs_time.png")
     write_atomic(out / "report.html", _html(comparison, table))
     return out / "report.html"
 
@@ -57,17 +58,21 @@ def plot_pareto(groups: list[Group], path: Path) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
     points = [(g.total_bytes, g.mean("final_score")) for g in groups]
-    for g, (x, y) in zip(groups, points):
-        ax.errorbar(x, y, yerr=g.spread("final_score") or None, fmt="o", capsize=3)
+    errors = [2 * g.standard_error("final_score") for g in groups]
+    for g, (x, y), err in zip(groups, points, errors):
+        ax.errorbar(x, y, yerr=err or None, fmt="o", capsize=3)
         ax.annotate(g.name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
+    shown = _baselines(ax, groups) + [y - e for (_, y), e in zip(points, errors)] + [y + e for (_, y), e in zip(points, errors)]
     front = [points[i] for i in pareto_front(points)]
     # The front as a staircase: from each point, what that many bytes buys at best.
     ax.step([x for x, _ in front], [y for _, y in front], where="post", color="black", linewidth=1, label="Pareto front")
     ax.set_xscale("log")
     ax.set_xlabel("total bytes, down + up (log scale)")
-    ax.set_ylabel("final accuracy" + (" (mean ± std over seeds)" if max(len(g.runs) for g in groups) > 1 else ""))
+    seeds = max(len(g.runs) for g in groups) > 1
+    ax.set_ylabel(f"final {groups[0].metric}" + (" (mean over seeds ± 2 standard errors)" if seeds else ""))
     ax.grid(alpha=0.3, which="both")
-    ax.margins(x=0.08, y=0.15)  # room for the labels
+    ax.margins(x=0.08)  # room for the labels
+    _score_axis(ax, shown)
     ax.legend(loc="best")
     save_figure(fig, path)
 
@@ -83,19 +88,42 @@ def plot_curves(groups: list[Group], bytes_path: Path, time_path: Path) -> None:
     ):
         plt = pyplot()
         fig, ax = plt.subplots(figsize=(8, 5))
+        shown = _baselines(ax, groups)
         for g in groups:
             rounds = min(len(c) for c in g.curves)
             xs = [sum(x_of(c[i]) for c in g.curves) / len(g.curves) for i in range(rounds)]
-            ys = [sum(c[i].score for c in g.curves) / len(g.curves) for i in range(rounds)]
             start = 1 if log else 0  # round 0 (zero-shot) has spent no bytes
-            ax.plot(xs[start:], ys[start:], marker="o", markersize=3, label=g.name)
+            scored = [i for i in range(start, rounds) if all(c[i].score is not None for c in g.curves)]
+            ys = [sum(c[i].score for c in g.curves) / len(g.curves) for i in scored]
+            ax.plot([xs[i] for i in scored], ys, marker="o", markersize=3, label=g.name)
+            shown += ys
         if log:
             ax.set_xscale("log")
         ax.set_xlabel(label)
-        ax.set_ylabel("held-out accuracy")
+        ax.set_ylabel(f"held-out {groups[0].metric}")
+        _score_axis(ax, shown)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         save_figure(fig, path)
+
+
+def _baselines(ax, groups: list[Group]) -> list[float]:
+    """Draw the zero-shot score (the mean over the runs) and, where the task has one,
+    the majority-class score; returns their values."""
+    values = []
+    for key, label, style in (("zero_shot_score", "zero-shot", "--"), ("majority_score", "majority class", ":")):
+        figures = [v for g in groups for v in g.figures(key)]
+        if figures:
+            values.append(sum(figures) / len(figures))
+            ax.axhline(values[-1], color="grey", linestyle=style, linewidth=1, label=label)
+    return values
+
+
+def _score_axis(ax, shown: list[float]) -> None:
+    """Limits that hold every value shown, spanning at least MIN_SPAN."""
+    low, high = min(shown), max(shown)
+    pad = max(MIN_SPAN - (high - low), 0) / 2 + 0.05 * (high - low)
+    ax.set_ylim(low - pad, high + pad)
 
 
 def _html(comparison: Comparison, table: str) -> str:

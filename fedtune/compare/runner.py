@@ -20,7 +20,7 @@ from fedtune import checkpoint
 from fedtune.checkpoint import CHECKPOINT
 from fedtune.compare.grid import Cell, Comparison
 from fedtune.report.console import format_round
-from fedtune.report.rows import SUMMARY, read_rows, read_summary
+from fedtune.report.rows import METRIC_NAMES, SUMMARY, read_rows, read_summary
 
 
 @dataclass(frozen=True)
@@ -95,8 +95,8 @@ def run_cells(comparison: Comparison, echo=print) -> list[CellResult]:
             last = log.read_text().strip().splitlines()[-1:] or ["no output"]
             echo(f"{head}: FAILED (exit {code}): {last[0]}  [log: {log}]")
             return CellResult(cell, None, last[0])
-        accuracy = read_summary(run_dir).final_score
-        echo(f"{head}: done in {time.perf_counter() - started:.0f} s, final accuracy {accuracy:.3f}")
+        summary = read_summary(run_dir)
+        echo(f"{head}: done in {time.perf_counter() - started:.0f} s, final {METRIC_NAMES[summary.metric]} {summary.final_score:.3f}")
         return CellResult(cell, run_dir)
 
     with ThreadPoolExecutor(max_workers=comparison.parallel) as pool:

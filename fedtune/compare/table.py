@@ -1,21 +1,22 @@
 """The comparison's numbers: one row per finished run (table.csv), one line per
-group of seeds with mean and spread (table.md), the Pareto front of accuracy
-against bytes, and which differences are larger than the seeds' spread."""
+group of seeds with mean, spread and standard error (table.md), the Pareto front
+of the task's score against bytes, and which differences exceed two standard errors."""
 
 from __future__ import annotations
 
 import csv
 import io
+import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedtune.report.console import human_bytes
-from fedtune.report.rows import RoundRow, RunSummary
+from fedtune.report.rows import METRIC_NAMES, RoundRow, RunSummary
 from fedtune.report.run_dir import write_atomic
 
 COLUMNS = (  # RunSummary fields, in table.csv order
-    "final_score", "best_score", "total_bytes_down", "total_bytes_up",
+    "final_score", "best_score", "final_loss", "total_bytes_down", "total_bytes_up",
     "bytes_per_client_round_down", "bytes_per_client_round_up", "rounds_to_target", "bytes_to_target",
     "sim_time_s", "sim_time_to_target_s", "epsilon", "wall_time_s",
 )
@@ -44,6 +45,14 @@ class Group:
         xs = self.figures(key)
         return statistics.stdev(xs) if len(xs) > 1 else 0.0
 
+    def standard_error(self, key: str) -> float:
+        """Of the mean over seeds: the spread over the square root of the seeds."""
+        return self.spread(key) / math.sqrt(max(len(self.figures(key)), 1))
+
+    @property
+    def metric(self) -> str:
+        return METRIC_NAMES[self.runs[0].metric]
+
     @property
     def total_bytes(self) -> float:
         return self.mean("total_bytes_down") + self.mean("total_bytes_up")
@@ -60,20 +69,18 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 
 def verdict(groups: list[Group]) -> str:
-    """Name the most accurate group, and the groups its lead does not exceed the
-    spread over seeds for: those are not beaten."""
+    """Name the best group, and the groups its lead over is within two standard
+    errors of the difference (over seeds): those are not beaten."""
     best = max(groups, key=lambda g: g.mean("final_score"))
     seeds = min(len(g.runs) for g in groups)
-    text = f"Highest mean final accuracy: {best.name} ({_pm(best, 'final_score')})."
+    text = f"Highest mean final {best.metric}: {best.name} ({_pm(best, 'final_score')})."
     if seeds < 2:
         return text + " One seed per cell: there is no spread to test differences against, so none is called a win."
-    tied = [
-        g.name for g in groups if g is not best
-        and best.mean("final_score") - g.mean("final_score") <= best.spread("final_score") + g.spread("final_score")
-    ]
+    tied = [g.name for g in groups if g is not best and best.mean("final_score") - g.mean("final_score")
+            <= 2 * math.hypot(best.standard_error("final_score"), g.standard_error("final_score"))]
     if not tied:
-        return text + " It leads every other cell by more than their spreads (1 std each) combined."
-    return text + f" Within the spread over seeds (1 std each), so not beaten by it: {', '.join(tied)}."
+        return text + " It leads every other cell by more than two standard errors of the difference."
+    return text + f" Within two standard errors of the difference, so not beaten by it: {', '.join(tied)}."
 
 
 def write_csv(groups: list[Group], axes: list[str], path: Path) -> None:
@@ -90,15 +97,16 @@ def write_csv(groups: list[Group], axes: list[str], path: Path) -> None:
 def markdown(groups: list[Group], failed: dict[str, str], refused: dict[str, str]) -> str:
     seeds = max(len(g.runs) for g in groups)
     front = {groups[i].name for i in pareto_front([(g.total_bytes, g.mean("final_score")) for g in groups])}
+    metric = groups[0].metric
     lines = [
-        "| cell | final accuracy | best accuracy | bytes down | bytes up | per client-round down / up "
+        f"| cell | final {metric} | best {metric} | final loss | bytes down | bytes up | per client-round down / up "
         "| rounds to target | bytes to target | simulated time to target | epsilon | wall time | Pareto |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:-:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:-:|",
     ]
     for g in groups:
         lines.append("| " + " | ".join([
             g.name + (f" ({len(g.runs)} seeds)" if seeds > 1 else ""),
-            _pm(g, "final_score"), _pm(g, "best_score"),
+            _pm(g, "final_score"), _pm(g, "best_score"), _pm(g, "final_loss"),
             human_bytes(g.mean("total_bytes_down")), human_bytes(g.mean("total_bytes_up")),
             f"{human_bytes(g.mean('bytes_per_client_round_down'))} / {human_bytes(g.mean('bytes_per_client_round_up'))}",
             _target(g, "rounds_to_target", "{:.1f}"), _target(g, "bytes_to_target", None),
@@ -106,6 +114,8 @@ def markdown(groups: list[Group], failed: dict[str, str], refused: dict[str, str
             _optional(g, "epsilon", "{:.2f}"), f"{g.mean('wall_time_s'):.0f} s",
             "yes" if g.name in front else "",
         ]) + " |")
+    if seeds > 1:
+        lines += ["", "Each figure: mean ± standard deviation over seeds, (standard error of the mean)."]
     lines += ["", verdict(groups)]
     lines += [f"\nFailed: {name}: {error}" for name, error in failed.items()]
     if refused:
@@ -115,7 +125,7 @@ def markdown(groups: list[Group], failed: dict[str, str], refused: dict[str, str
 
 
 def _pm(g: Group, key: str) -> str:
-    return f"{g.mean(key):.3f}" + (f" ± {g.spread(key):.3f}" if len(g.runs) > 1 else "")
+    return f"{g.mean(key):.3f}" + (f" ± {g.spread(key):.3f} ({g.standard_error(key):.3f})" if len(g.runs) > 1 else "")
 
 
 def _target(g: Group, key: str, fmt: str | None) -> str:

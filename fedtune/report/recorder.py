@@ -39,6 +39,7 @@ class Recorder:
             score=result.score,
             loss=result.loss,
             macro_f1=result.macro_f1,
+            per_class={k: list(v) for k, v in result.per_class.items()} if result.per_class else None,
             perplexity=result.perplexity,
             metric=self.metric,
             bytes_down=self.ledger.total("down", rnd),

@@ -61,6 +61,7 @@ class RoundRow:
     epsilon: float | None = None  # privacy spent so far (the largest over clients)
     hardware: HardwareRow | None = None
     macro_f1: float | None = None  # classify with more than two classes
+    per_class: dict[str, list[float]] | None = None  # class -> [precision, recall, F1] (with macro_f1)
     perplexity: float | None = None  # instruct
     metric: str = "accuracy"  # what score is: accuracy (classify) or rouge_l (instruct)
 
@@ -105,6 +106,7 @@ class RunSummary:
     dataset: str = ""  # data.source's name
     zero_shot_loss: float | None = None
     final_macro_f1: float | None = None
+    final_per_class: dict[str, list[float]] | None = None  # class -> [precision, recall, F1]
     final_perplexity: float | None = None
 
     @property

@@ -31,6 +31,7 @@ def summarize(config: RunConfig, rows: list[RoundRow], ledger: Ledger, majority:
         zero_shot_score=rows[0].score,
         zero_shot_loss=rows[0].loss,
         final_macro_f1=rows[-1].macro_f1,
+        final_per_class=rows[-1].per_class,
         final_perplexity=rows[-1].perplexity,
         total_bytes_down=ledger.total("down"),
         total_bytes_up=ledger.total("up"),

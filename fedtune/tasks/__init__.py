@@ -44,7 +44,8 @@ class Generation:
 class EvalResult:
     score: float | None  # the task metric: accuracy (classify), Rouge-L (instruct); None where not measured
     loss: float  # mean held-out cross-entropy (instruct: per response token)
-    macro_f1: float | None = None  # classify with more than two classes
+    macro_f1: float | None = None  # classify with more than two classes: the mean of per_class's F1
+    per_class: dict[str, tuple[float, float, float]] | None = None  # class -> (precision, recall, F1)
     perplexity: float | None = None  # instruct: exp(loss)
     generations: tuple[Generation, ...] | None = None  # instruct: the greedy responses Rouge-L scored
 
