@@ -126,7 +126,7 @@ def test_report_from_synthetic_runs_has_the_known_front(tmp_path):
     # (final accuracy per seed, bytes per round): C costs more than B and is less
     # accurate, so it is off the front; A is cheapest, B most accurate.
     cells = {"A": ([0.70, 0.72], 1_000), "B": ([0.86, 0.84], 100_000), "C": ([0.80, 0.80], 1_000_000), "D": ([0.85, 0.85], 200_000)}
-    path = compare_file(tmp_path, "[grid]\nmethod = [\"fedit\"]\n")
+    path = compare_file(tmp_path, "byte_budget = 150000\n[grid]\nmethod = [\"fedit\"]\n")
     comparison = load_comparison(path)
     results = []
     for name, (finals, per_round) in cells.items():
@@ -141,6 +141,9 @@ def test_report_from_synthetic_runs_has_the_known_front(tmp_path):
     rows = {line.split(" | ")[0].strip("| ").split(" (")[0]: line for line in table.splitlines() if line.startswith("| ") and "seeds" in line}
     assert [name for name, line in rows.items() if line.rstrip().endswith("| yes |")] == ["A", "B"]
     assert "0.850 ± 0.014" in rows["B"] and "0.850 ± 0.000" in rows["D"]
+    # At 150 KB: A has sent all it will (its final), B its first round's 100 KB (0.6), C nothing (zero-shot).
+    assert "| 0.710 ± 0.014 (0.010) |" in rows["A"] and "| 0.600 ± 0.000 (0.000) |" in rows["B"] and "| 0.500 ± 0.000 (0.000) |" in rows["C"]
+    assert "Rouge-L at 150.00 KB" not in table and "accuracy at 150.00 KB" in table
     # B reached 0.8 in round 2 with both seeds, after 200 KB; A never; no fleet, so no simulated time.
     assert "| 2.0 | 200.00 KB | - |" in rows["B"] and "| not reached | not reached | - |" in rows["A"]
     # B leads D by 0.000 in the mean: not a win; it beats A and C by more than the spreads.

@@ -4,6 +4,7 @@
     [compare]
     config = "default.toml"          # the base run config, relative to this file
     target_accuracy = 0.8             # rounds, bytes and time to reach it (0: none)
+    byte_budget = 5e6                 # the score each cell had when it had sent this many bytes (0: none)
     set = ["run.rounds=3"]           # overrides for every cell
     [grid]                            # axes; the cells are their product
     method = ['fedit', 'fed_sb']
@@ -37,7 +38,7 @@ from fedtune.privacy.factory import grid_overrides
 
 AXES = ("method", "rank", "uplink", "downlink", "privacy", "mix", "seed")
 TABLES = ("compare", "grid", "methods", "mixes", "axes")
-COMPARE_KEYS = ("config", "output_dir", "target_accuracy", "parallel", "set")
+COMPARE_KEYS = ("config", "output_dir", "target_accuracy", "byte_budget", "parallel", "set")
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ class Comparison:
     base_config: Path
     output_dir: Path
     target_accuracy: float
+    byte_budget: float
     parallel: int
     axes: list[str]  # the axes that vary, in table order
     cells: list[Cell]
@@ -82,6 +84,9 @@ def load_comparison(path: str | Path) -> Comparison:
     target = head.get("target_accuracy", 0.0)
     if not isinstance(target, (int, float)) or not 0 <= target <= 1:
         raise FedtuneError(f"compare.target_accuracy must be in [0, 1], got {target!r}")
+    budget = head.get("byte_budget", 0)
+    if not isinstance(budget, (int, float)) or budget < 0:
+        raise FedtuneError(f"compare.byte_budget must be a number of bytes >= 0, got {budget!r}")
     parallel = head.get("parallel", 1)
     if not isinstance(parallel, int) or parallel < 1:
         raise FedtuneError(f"compare.parallel must be an integer >= 1, got {parallel!r}")
@@ -96,7 +101,7 @@ def load_comparison(path: str | Path) -> Comparison:
     varying = [a for a, values in axes.items() if len(values) > 1]
     cells, refused = _expand(base, common, axes, varying)
     out = Path(head.get("output_dir", f"runs/compare-{path.stem}"))
-    return Comparison(path, base, out, float(target), parallel, varying, cells, refused)
+    return Comparison(path, base, out, float(target), float(budget), parallel, varying, cells, refused)
 
 
 def _expand(

@@ -46,7 +46,7 @@ def write_report(comparison: Comparison, results: list[CellResult]) -> Path:
         raise RuntimeError("no cell of the comparison finished; see the run.log files under " + str(out / "cells"))
     axes = list(dict.fromkeys(a for r in results for a in r.cell.values))  # one-valued ones too
     write_csv(groups, axes, out / "table.csv")
-    table = markdown(groups, failed, comparison.refused)
+    table = markdown(groups, failed, comparison.refused, comparison.byte_budget)
     write_atomic(out / "table.md", table)
     plot_pareto(groups, out / "pareto.png")
     plot_curves(groups, out / "score_vs_bytes.png", out / "score_vs_time.png")

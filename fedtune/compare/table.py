@@ -49,6 +49,11 @@ class Group:
         """Of the mean over seeds: the spread over the square root of the seeds."""
         return self.spread(key) / math.sqrt(max(len(self.figures(key)), 1))
 
+    def score_at_budget(self, budget: float) -> list[float]:
+        """Each seed's score at its last evaluated round within ``budget`` bytes (down + up)."""
+        return [next(r.score for r in reversed(curve) if r.score is not None and r.cum_bytes_down + r.cum_bytes_up <= budget)
+                for curve in self.curves]
+
     @property
     def metric(self) -> str:
         return METRIC_NAMES[self.runs[0].metric]
@@ -94,19 +99,20 @@ def write_csv(groups: list[Group], axes: list[str], path: Path) -> None:
     write_atomic(path, out.getvalue())
 
 
-def markdown(groups: list[Group], failed: dict[str, str], refused: dict[str, str]) -> str:
+def markdown(groups: list[Group], failed: dict[str, str], refused: dict[str, str], budget: float = 0) -> str:
     seeds = max(len(g.runs) for g in groups)
     front = {groups[i].name for i in pareto_front([(g.total_bytes, g.mean("final_score")) for g in groups])}
     metric = groups[0].metric
     lines = [
-        f"| cell | final {metric} | best {metric} | final loss | bytes down | bytes up | per client-round down / up "
+        f"| cell | final {metric} | best {metric} | final loss | {metric} at {human_bytes(budget)} | bytes down | bytes up | per client-round down / up "
         "| rounds to target | bytes to target | simulated time to target | epsilon | wall time | Pareto |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:-:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:-:|",
     ]
     for g in groups:
         lines.append("| " + " | ".join([
             g.name + (f" ({len(g.runs)} seeds)" if seeds > 1 else ""),
             _pm(g, "final_score"), _pm(g, "best_score"), _pm(g, "final_loss"),
+            _spread_of(g.score_at_budget(budget)) if budget else "-",
             human_bytes(g.mean("total_bytes_down")), human_bytes(g.mean("total_bytes_up")),
             f"{human_bytes(g.mean('bytes_per_client_round_down'))} / {human_bytes(g.mean('bytes_per_client_round_up'))}",
             _target(g, "rounds_to_target", "{:.1f}"), _target(g, "bytes_to_target", None),
@@ -125,7 +131,15 @@ def markdown(groups: list[Group], failed: dict[str, str], refused: dict[str, str
 
 
 def _pm(g: Group, key: str) -> str:
-    return f"{g.mean(key):.3f}" + (f" ± {g.spread(key):.3f} ({g.standard_error(key):.3f})" if len(g.runs) > 1 else "")
+    return _spread_of(g.figures(key))
+
+
+def _spread_of(xs: list[float]) -> str:
+    """Mean, and over more than one seed: ± standard deviation (standard error)."""
+    if len(xs) < 2:
+        return f"{statistics.fmean(xs):.3f}" if xs else "-"
+    std = statistics.stdev(xs)
+    return f"{statistics.fmean(xs):.3f} ± {std:.3f} ({std / math.sqrt(len(xs)):.3f})"
 
 
 def _target(g: Group, key: str, fmt: str | None) -> str:
