@@ -35,7 +35,7 @@ from fedtune.errors import FedtuneError
 from fedtune.hardware.fleet import Fleet
 from fedtune.methods.base import Method
 from fedtune.methods.registry import get_method, method_class
-from fedtune.tasks import EvalResult, Examples, Learner
+from fedtune.tasks import EvalResult, Examples, Generation, Learner
 from fedtune.privacy import secrets
 from fedtune.privacy.factory import server_privacy
 from fedtune.privacy.policy import PrivacyPolicy
@@ -60,7 +60,7 @@ class Server:
     exchange: Exchange
     privacy: PrivacyPolicy
     recorder: Recorder
-    generations: dict[str, tuple] = field(default_factory=dict)  # "zero_shot" and "final", where the task generates
+    generations: dict[str, tuple[Generation, ...]] = field(default_factory=dict)  # "zero_shot", "final": where the task generates
 
     def start(self, saved: dict | None) -> int:
         """The first round to play: after the checkpoint's, or 1 after evaluating the zero-shot model."""
