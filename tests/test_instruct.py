@@ -13,6 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from fedtune.config import InstructSection
 from fedtune.errors import FedtuneError
 from fedtune.methods import METHODS, ClientJob, ClientUpdate, get_method
+from fedtune.methods.adapters import trainable_state, wrap_with_lora
+from fedtune.privacy.dp_sgd import DPSGD, make_private
 from fedtune.report.run_dir import create_run_dir
 from fedtune.simulation import run_simulation
 from fedtune.task import client_data, load_model, load_splits
@@ -181,3 +183,34 @@ def test_instruction_run_through_flower(tmp_path, tiny_lm, capsys):
     assert (run_dir / "rouge_l_vs_bytes.png").stat().st_size > 10_000
     out = capsys.readouterr().out
     assert "Rouge-L" in out and "perplexity" in out and "accuracy" not in out
+
+
+def test_dp_sgd_clips_each_example_of_a_padded_batch(tmp_path, tiny_lm):
+    """DP-SGD on the instruction task: one step on a batch of responses of different
+    lengths (right-padded) is the mean of each example's clipped gradient, each
+    computed alone and unpadded, as the analysis of sample-level DP requires."""
+    config = instruct_config(tmp_path, tiny_lm)
+    learner, data, clip = load_model(config), client_data(config, 0), 1e-3
+    model = wrap_with_lora(learner, config.lora, 0)
+    with torch.no_grad():  # a non-zero lora_B, so that lora_A has a gradient too
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    before, idx = trainable_state(model), np.arange(4)
+    assert len({sum(len(part) for part in learner.example_ids(data, i)) for i in idx}) > 1  # padding is exercised
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    expected = {n: torch.zeros_like(p) for n, p in params.items()}
+    for i in idx:
+        grads = torch.autograd.grad(learner.loss(model, data, [i])[0], list(params.values()))
+        norm = torch.sqrt(sum(g.square().sum() for g in grads))
+        assert norm > clip
+        for n, g in zip(params, grads):
+            expected[n] -= 0.1 * g * clip / norm / len(idx)
+    forward, optimizer = make_private(model, torch.optim.SGD(list(params.values()), lr=0.1), DPSGD(0.0, clip), 4)
+    model.train()
+    optimizer.zero_grad()
+    learner.loss(forward, data, idx)[0].backward()
+    optimizer.step()
+    forward.remove_hooks()
+    for n, p in params.items():
+        torch.testing.assert_close(p.detach() - before[n], expected[n], rtol=1e-3, atol=5e-8)  # the whole step is at most lr * clip = 1e-4 long
