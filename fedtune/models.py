@@ -29,6 +29,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    PretrainedConfig,
     PreTrainedTokenizerBase,
 )
 from transformers.models.auto.modeling_auto import (
@@ -207,6 +208,15 @@ def class_scores(labels: np.ndarray, predicted: np.ndarray, names: list[str]) ->
     return {name: tuple(round(float(x), 4) for x in s) for name, s in zip(names, scores)}
 
 
+def is_decoder_only(config: PretrainedConfig) -> bool:
+    """Has a causal-LM class and no masked-LM one (BERT-likes have both), and is no encoder-decoder."""
+    return (
+        config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        and config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+        and not config.is_encoder_decoder
+    )
+
+
 def load_classifier(model_cfg: ModelSection, data_cfg: DataSection, num_labels: int, seed: int) -> Classifier:
     """A float32 sequence classifier in eval mode; identical arguments give bit-identical weights."""
     path = resolve_model_path(model_cfg)
@@ -221,12 +231,7 @@ def load_classifier(model_cfg: ModelSection, data_cfg: DataSection, num_labels: 
     except Exception as exc:
         raise FedtuneError(f"cannot load model from {path}: {exc}") from exc
 
-    # Decoder-only: has a causal-LM class and no masked-LM one (BERT-likes have both).
-    is_causal = (
-        config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-        and config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
-        and not config.is_encoder_decoder
-    )
+    is_causal = is_decoder_only(config)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise FedtuneError(f"cannot load model from {path}: its tokenizer has neither a pad nor an eos token")

@@ -83,7 +83,7 @@ def test_dolly_and_alpaca_layouts_load_as_they_are(tmp_path):
     alpaca.write_text("instruction,input,output\nGreet,,Hello\nTranslate,chat,cat\n")
     ds = load_instruct_dataset(str(alpaca), InstructSection())
     assert ds.contexts == ["", "chat"] and ds.responses == ["Hello", "cat"] and ds.label_names == [""]
-    with pytest.raises(FedtuneError, match=r"instruct.response_column 'answer' is not a column .* available: instruction, input, output"):
+    with pytest.raises(FedtuneError, match=r"instruct.response_column .answer. is not a column .* available: instruction, input, output"):
         load_instruct_dataset(str(alpaca), InstructSection(response_column="answer"))
 
 
@@ -214,3 +214,9 @@ def test_dp_sgd_clips_each_example_of_a_padded_batch(tmp_path, tiny_lm):
     forward.remove_hooks()
     for n, p in params.items():
         torch.testing.assert_close(p.detach() - before[n], expected[n], rtol=1e-3, atol=5e-8)  # the whole step is at most lr * clip = 1e-4 long
+
+
+def test_an_encoder_is_refused_for_instruction_tuning(tmp_path):
+    config = instruct_config(tmp_path, "minilm")
+    with pytest.raises(FedtuneError, match=r"model.name='minilm' is a bert model, not a decoder-only LM: task.kind = 'instruct' needs one"):
+        load_model(config)

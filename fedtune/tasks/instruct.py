@@ -27,12 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from fedtune.config import InstructSection, ModelSection
 from fedtune.data import read_frame
 from fedtune.errors import FedtuneError
-from fedtune.models import resolve_model_path
+from fedtune.models import is_decoder_only, resolve_model_path
 from fedtune.tasks import EvalResult, Generation
 
 CHATTERBOT = "chatterbot"  # data.source: the English part of chatterbot-corpus (BSD-3)
@@ -83,11 +83,13 @@ def load_instruct_dataset(source: str, cfg: InstructSection, split: str = "train
     columns = list(frame.columns)
     context = cfg.context_column or next((c for c in ("context", "input") if c in columns), None)
     response = cfg.response_column or next((c for c in ("response", "output") if c in columns), None)
+    available = f"available: {', '.join(map(str, columns))}"
+    if response is None:
+        raise FedtuneError(f"instruct.response_column: {source} has neither a 'response' nor an 'output' column; {available}")
     for key, column in (("instruct.instruction_column", cfg.instruction_column), ("instruct.response_column", response),
                         ("instruct.context_column", context)):
-        if column is not None and column not in columns or column is None and key == "instruct.response_column":
-            raise FedtuneError(f"{key} {column or 'response or output'!r} is not a column of {source}; "
-                               f"available: {', '.join(map(str, columns))}")
+        if column is not None and column not in columns:
+            raise FedtuneError(f"{key} {column!r} is not a column of {source}; {available}")
 
     def text(column: str | None) -> pd.Series:
         return frame[column].fillna("").astype(str).str.strip() if column in columns else pd.Series("", index=frame.index)
@@ -106,8 +108,14 @@ def load_language_model(model_cfg: ModelSection, cfg: InstructSection) -> Langua
     """A float32 causal LM in eval mode, and how it reads and writes instructions."""
     path = resolve_model_path(model_cfg)
     try:
+        config = AutoConfig.from_pretrained(path)
+        if not is_decoder_only(config):
+            raise FedtuneError(f"model.name={model_cfg.name!r} is a {config.model_type} model, not a decoder-only LM: "
+                               "task.kind = 'instruct' needs one (such as 'smollm2')")
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except FedtuneError:
+        raise
     except Exception as exc:
         raise FedtuneError(f"cannot load model from {path} as a causal LM: {exc}") from exc
     if tokenizer.eos_token is None:
