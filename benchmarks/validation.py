@@ -7,7 +7,8 @@ small constant times the template's float32 bytes).
 The template is the size of FedIT's adapter on SmolLM2-135M at rank 8 (461,952
 float32 values, 1.85 MB) unless --values says otherwise. Each family runs in a
 fresh process, so its peak resident memory is its own: the table shows the growth
-over that process's baseline (imports, the template) and the median time per payload.
+over that process's baseline (imports, the template, the payload once built; the peak
+is restarted there) and the median time per payload.
 """
 
 from __future__ import annotations
