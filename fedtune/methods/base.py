@@ -216,7 +216,7 @@ class Method(ABC):
         client was sent), over its float tensors taken as one vector."""
         template = self.uplink_template(update.client)
         return math.sqrt(sum(
-            float((update.dense(n) - template[n]).double().square().sum()) for n, t in update.tensors.items() if t.is_floating_point()
+            float((update.dense(n) - template[n].detach()).double().square().sum()) for n, t in update.tensors.items() if t.is_floating_point()
         ))
 
     @abstractmethod
