@@ -1,6 +1,7 @@
-"""Models: where the weights live, and a sequence classifier built on top of them.
+"""Models: where the weights live, and the classify task's sequence classifier.
 
-Every model is fine-tuned as ``AutoModelForSequenceClassification``. Causal LMs read a
+For classification every model is fine-tuned as ``AutoModelForSequenceClassification``
+(instruction tuning loads it as a causal LM: fedtune/tasks/instruct.py). Causal LMs read a
 prompt and their head starts as the LM head rows of the label words, so the untrained
 classifier scores label words exactly like the LM would (zero-shot). Encoders read the
 raw text and their head starts random, from the run's seed.
