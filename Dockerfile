@@ -12,7 +12,8 @@ ENV PIP_NO_CACHE_DIR=1 \
     FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 
 # torch first and exactly, as setup.sh does: the CPU wheel (an unpinned resolve
-# would pull a multi-GB CUDA build). TORCH_INDEX: where a CPU wheel is found.
+# would pull a multi-GB CUDA build). TORCH_INDEX: where the wheel is found; GPU
+# clients build with a CUDA one (docker-compose.gpu.yml).
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 RUN pip install --index-url "$TORCH_INDEX" torch==2.13.0
 

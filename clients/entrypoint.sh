@@ -7,6 +7,7 @@
 #   KEY            this node's private key (its KEY.pub registered on the SuperLink)
 #   PARTITION_ID   which data partition this node trains on (0 .. clients-1)
 #   DEVICE         optional: this node's device profile (hardware catalogue name)
+#   TORCH_DEVICE   optional: where it trains (auto, cpu, cuda, cuda:N; default: the run's model.device)
 #   FLWR_HOME      optional: Flower's state for this node (default ~/.flwr)
 #   PORT           optional: the SuperNode's local Runtime API port (default 9094;
 #                  several nodes on one host need one each)
@@ -20,5 +21,6 @@ exec fedtune deploy node \
     --key "${KEY:?set KEY to this node private key}" \
     --partition-id "${PARTITION_ID:?set PARTITION_ID}" \
     ${DEVICE:+--device "$DEVICE"} \
+    ${TORCH_DEVICE:+--torch-device "$TORCH_DEVICE"} \
     --flwr-home "${FLWR_HOME:-$HOME/.flwr}" \
     --port "${PORT:-9094}"

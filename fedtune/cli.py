@@ -72,6 +72,7 @@ def _prepare(args: argparse.Namespace) -> tuple[RunConfig, Path]:
     """The validated config and its run directory (new, or --resume's)."""
     from fedtune import checkpoint
     from fedtune.config import load_config
+    from fedtune.devices import resolve_device
     from fedtune.methods.registry import get_method
     from fedtune.privacy import secrets
     from fedtune.privacy.factory import server_privacy
@@ -91,6 +92,7 @@ def _prepare(args: argparse.Namespace) -> tuple[RunConfig, Path]:
     # before Ray starts, and a GGUF model is converted once, not once per client.
     parts = client_partitions(config)
     get_method(config).check(load_model(config))
+    resolve_device(config.model.server_device)
     server_privacy(config, {i: len(p) for i, p in enumerate(parts)}, config.run.seed).check_first_round()
 
     if not args.resume:
@@ -142,6 +144,8 @@ def _deploy_parsers(sub: argparse._SubParsersAction) -> None:
     edge.add_argument("--key", type=Path, required=True, help="this node's private key (`fedtune certs node`)")
     edge.add_argument("--partition-id", type=int, required=True)
     edge.add_argument("--device", default="", help="this node's device profile (hardware catalogue name)")
+    edge.add_argument("--torch-device", default="", metavar="DEVICE",
+                      help="where this node trains: auto, cpu, cuda or cuda:N (default: the run's model.device)")
     edge.add_argument("--port", type=int, default=9094, help="the SuperNode's local Runtime API port")
     edge.add_argument("--flwr-home", type=Path, default=Path("~/.flwr").expanduser())
     for command in (register, submit, edge):  # they talk to a running SuperLink

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fedtune.codecs.spec import parse_chain
+from fedtune.devices import DTYPES, valid_device
 from fedtune.errors import FedtuneError, require
 from fedtune.hardware.catalogue import load_catalogue
 from fedtune.methods.options import (
@@ -67,6 +68,14 @@ class ModelSection:
     name: str = "smollm2"
     cache_dir: str = "~/.cache/fedtune"
     max_length: int = 128
+    # Where clients train and evaluate: "auto" (the first CUDA device if there is one,
+    # else the CPU), "cpu", "cuda" or "cuda:N". A deployed node's own node config key
+    # torch-device overrides it for that node.
+    device: str = "auto"
+    server_device: str = "auto"  # where the server evaluates, with the same choices
+    # The frozen base weights' precision: "float32", "bfloat16" or "float16" (mixed
+    # precision: what is trained and sent stays float32; float16 scales the loss).
+    dtype: str = "float32"
 
 
 @dataclass(frozen=True)
@@ -191,6 +200,9 @@ class HardwareSection:
 class SimulationSection:
     cpus_per_client: int = 1
     max_parallel_clients: int = 0  # 0 = as many as the machine's cores allow
+    # GPUs reserved per client actor (Ray resources; fractions share one GPU);
+    # 0: the machine's GPUs split among the parallel clients when model.device is CUDA.
+    gpus_per_client: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -322,6 +334,11 @@ def validate(c: RunConfig) -> None:
     require(c.run.rounds >= 1, "run.rounds", ">= 1", c.run.rounds)
     require(0 <= c.run.target_accuracy <= 1, "run.target_accuracy", "in [0, 1] (0 = none)", c.run.target_accuracy)
     require(c.model.max_length >= 8, "model.max_length", ">= 8", c.model.max_length)
+    for key in ("device", "server_device"):
+        require(valid_device(getattr(c.model, key)), f"model.{key}", "auto, cpu, cuda or cuda:N", getattr(c.model, key))
+    require(c.model.dtype in DTYPES, "model.dtype", f"one of {', '.join(DTYPES)}", c.model.dtype)
+    require(c.model.dtype == "float32" or c.privacy.mode != "sample", "model.dtype",
+            "float32 under privacy.mode 'sample' (Opacus' per-example gradients are checked in float32 only)", c.model.dtype)
     require(c.task.kind in TASK_KINDS, "task.kind", f"one of {', '.join(TASK_KINDS)}", c.task.kind)
     i = c.instruct
     require(i.template == "chat" or "{instruction}" in i.template, "instruct.template",
@@ -436,6 +453,9 @@ def validate(c: RunConfig) -> None:
     require(
         c.simulation.cpus_per_client >= 1, "simulation.cpus_per_client", ">= 1", c.simulation.cpus_per_client
     )
+    g = c.simulation.gpus_per_client
+    require(g >= 0 and (g <= 1 or g == int(g)), "simulation.gpus_per_client",
+            ">= 0, a fraction of one GPU or a whole number (0 = shared automatically)", g)
     require(
         c.simulation.max_parallel_clients >= 0,
         "simulation.max_parallel_clients",

@@ -39,6 +39,7 @@ from transformers.models.auto.modeling_auto import (
 )
 
 from fedtune.config import DataSection, ModelSection
+from fedtune.devices import DTYPES, autocast, computing_on, device_of
 from fedtune.data import ROTTEN_TOMATOES, TextDataset, majority_class_accuracy
 from fedtune.errors import FedtuneError
 from fedtune.tasks import EvalResult
@@ -131,9 +132,15 @@ class Classifier:
     max_length: int
     metric = "accuracy"
 
+    device: torch.device = torch.device("cpu")  # where it trains and evaluates
+    dtype: torch.dtype = torch.float32  # of the frozen base weights
+
     def loss(self, forward: torch.nn.Module, data: TextDataset, idx: Sequence[int]) -> tuple[torch.Tensor, int]:
-        batch = self.encode([data.texts[i] for i in idx])
-        return F.cross_entropy(forward(**batch).logits, torch.as_tensor(data.labels[idx])), batch["input_ids"].numel()
+        device = device_of(forward)
+        batch = self.encode([data.texts[i] for i in idx], device)
+        with autocast(device, self.dtype):
+            logits = forward(**batch).logits
+        return F.cross_entropy(logits.float(), torch.as_tensor(data.labels[idx], device=device)), batch["input_ids"].numel()
 
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, data: TextDataset, batch_size: int, generate: bool = True) -> EvalResult:
@@ -142,27 +149,28 @@ class Classifier:
         model.eval()
         order = np.argsort([len(t) for t in data.texts], kind="stable")
         predicted, loss_sum = np.zeros(len(data), dtype=np.int64), 0.0
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            logits = model(**self.encode([data.texts[i] for i in idx])).logits
-            loss_sum += F.cross_entropy(logits, torch.as_tensor(data.labels[idx]), reduction="sum").item()
-            predicted[idx] = logits.argmax(-1).numpy()
+        with computing_on(model, self.device), autocast(self.device, self.dtype):
+            for start in range(0, len(order), batch_size):
+                idx = order[start : start + batch_size]
+                logits = model(**self.encode([data.texts[i] for i in idx], self.device)).logits.float()
+                labels = torch.as_tensor(data.labels[idx], device=self.device)
+                loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+                predicted[idx] = logits.argmax(-1).cpu().numpy()
         result = EvalResult(score=float(np.mean(predicted == data.labels)), loss=loss_sum / len(data))
         if len(data.label_names) <= 2:
             return result
         per_class = class_scores(data.labels, predicted, data.label_names)
         return dataclasses.replace(result, per_class=per_class, macro_f1=float(np.mean([f1 for _, _, f1 in per_class.values()])))
 
-    def encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        """A padded batch (input_ids, attention_mask) of at most ``max_length`` tokens per text."""
+    def encode(self, texts: list[str], device: torch.device | None = None) -> dict[str, torch.Tensor]:
+        """A padded batch (input_ids, attention_mask) of at most ``max_length`` tokens per text, on ``device``."""
         if not self.is_causal:
             batch = self.tokenizer(
                 texts, truncation=True, max_length=self.max_length, padding=True, return_tensors="pt"
             )
-            return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        ids = [self._prompt_ids(text) for text in texts]
-        batch = self.tokenizer.pad({"input_ids": ids}, return_tensors="pt")
-        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        else:
+            batch = self.tokenizer.pad({"input_ids": [self._prompt_ids(text) for text in texts]}, return_tensors="pt")
+        return {key: batch[key].to(device) for key in ("input_ids", "attention_mask")}
 
     def baseline(self, train: TextDataset, test: TextDataset) -> float:
         return majority_class_accuracy(train.labels, test.labels)
@@ -218,8 +226,13 @@ def is_decoder_only(config: PretrainedConfig) -> bool:
     )
 
 
-def load_classifier(model_cfg: ModelSection, data_cfg: DataSection, num_labels: int, seed: int) -> Classifier:
-    """A float32 sequence classifier in eval mode; identical arguments give bit-identical weights."""
+def load_classifier(
+    model_cfg: ModelSection, data_cfg: DataSection, num_labels: int, seed: int, device: torch.device = torch.device("cpu")
+) -> Classifier:
+    """A sequence classifier in eval mode, on the CPU, that trains and evaluates on
+    ``device``: base weights in ``model.dtype``, its head float32 (trained in full).
+    Identical arguments give bit-identical weights."""
+    dtype = DTYPES[model_cfg.dtype]
     path = resolve_model_path(model_cfg)
     try:
         config = AutoConfig.from_pretrained(path, num_labels=num_labels)
@@ -228,7 +241,7 @@ def load_classifier(model_cfg: ModelSection, data_cfg: DataSection, num_labels: 
         # seed it for the load only, leaving the caller's RNG state untouched.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = AutoModelForSequenceClassification.from_pretrained(path, config=config, dtype=torch.float32)
+            model = AutoModelForSequenceClassification.from_pretrained(path, config=config, dtype=dtype)
     except Exception as exc:
         raise FedtuneError(f"cannot load model from {path}: {exc}") from exc
 
@@ -250,6 +263,7 @@ def load_classifier(model_cfg: ModelSection, data_cfg: DataSection, num_labels: 
         words = []  # Rotten Tomatoes' words, left at their default for other data: not the user's choice
     if is_causal and words:
         _init_from_label_words(model, head, tokenizer, words, num_labels, path)
+    getattr(model, head_name).float()
     model.eval()
     return Classifier(
         model=model,
@@ -258,6 +272,8 @@ def load_classifier(model_cfg: ModelSection, data_cfg: DataSection, num_labels: 
         head_name=head_name,
         prompt=data_cfg.prompt if is_causal else None,
         max_length=model_cfg.max_length,
+        device=device,
+        dtype=dtype,
     )
 
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from fedtune.config import RunConfig
 from fedtune.environment import configure_process
+from fedtune.errors import FedtuneError
 from fedtune.privacy import secrets
 
 if TYPE_CHECKING:
@@ -55,9 +56,11 @@ def run_simulation(
     cores = os.cpu_count() or 1
     per_client = config.simulation.cpus_per_client
     parallel = config.simulation.max_parallel_clients or max(1, cores // per_client)
+    gpus = gpus_per_client(config, parallel)
     backend_config = {
-        # Ray schedules by CPU count: total CPUs / CPUs per client = clients in parallel.
-        "client_resources": {"num_cpus": per_client, "num_gpus": 0.0},
+        # Ray schedules by CPU count: total CPUs / CPUs per client = clients in parallel
+        # (and by GPU share, where clients train on GPUs).
+        "client_resources": {"num_cpus": per_client, "num_gpus": gpus},
         "init_args": {"num_cpus": parallel * per_client, "include_dashboard": False, "log_to_driver": verbose},
     }
     outcome: dict = {}
@@ -75,6 +78,24 @@ def run_simulation(
     if "summary" not in outcome:
         raise RuntimeError("the simulation ended without a result; rerun with --verbose to see Flower's log")
     return outcome["summary"]
+
+
+def gpus_per_client(config: RunConfig, parallel: int) -> float:
+    """Each client actor's GPU share: simulation.gpus_per_client, or where clients
+    train on CUDA (model.device), the machine's GPUs split among the ``parallel``
+    clients; 0 on the CPU. Ray points each actor's CUDA_VISIBLE_DEVICES at its share,
+    so "cuda" (or "auto") is the one to use in simulation, not "cuda:N"."""
+    import torch
+
+    from fedtune.devices import resolve_device
+
+    wanted = config.simulation.gpus_per_client
+    if resolve_device(config.model.device).type != "cuda":
+        if wanted:
+            raise FedtuneError(f"simulation.gpus_per_client = {wanted} but clients train on the CPU "
+                               f"(model.device = {config.model.device!r} on this machine); set it to 0")
+        return 0.0
+    return wanted or min(1.0, torch.cuda.device_count() / parallel)
 
 
 # Ctrl-C. A KeyboardInterrupt raised in the main thread lands in Flower's

@@ -12,6 +12,7 @@ from functools import lru_cache
 import numpy as np
 
 from fedtune.config import RunConfig, from_dict
+from fedtune.devices import resolve_device
 from fedtune.data import has_test_split, load_text_dataset, server_split, split_train_test
 from fedtune.models import load_classifier
 from fedtune.tasks import Examples, Learner
@@ -72,12 +73,15 @@ def client_data(config: RunConfig, partition_id: int) -> Examples:
     return train.subset(client_partitions(config)[partition_id])
 
 
-def load_model(config: RunConfig) -> Learner:
-    """A fresh learner: base weights from the (cached) model path; a classifier's head seeded."""
+def load_model(config: RunConfig, device: str = "") -> Learner:
+    """A fresh learner: base weights from the (cached) model path, on the CPU; a
+    classifier's head seeded. It computes on ``device`` ("": ``model.device``, a
+    client's; the server passes ``model.server_device``)."""
+    placed = resolve_device(device or config.model.device)
     if config.task.kind == "instruct":
-        return load_language_model(config.model, config.instruct)
+        return load_language_model(config.model, config.instruct, placed)
     num_labels = len(load_splits(config)[0].label_names)
-    return load_classifier(config.model, config.data, num_labels, config.run.seed)
+    return load_classifier(config.model, config.data, num_labels, config.run.seed, placed)
 
 
 def derive_seed(*parts: int) -> int:

@@ -10,6 +10,7 @@ from torch import nn
 from tqdm import tqdm
 
 from fedtune.config import TrainSection
+from fedtune.devices import computing_on
 from fedtune.tasks import Examples, Learner
 from fedtune.privacy.dp_sgd import DPSGD, make_private, poisson_batches
 
@@ -49,29 +50,32 @@ def train_steps(
 ) -> TrainStats:
     """Run ``steps`` steps of ``train.optimizer`` on the trainable parameters, each
     on a batch of ``train.batch_size`` taken in chunks of at most
-    ``train.physical_batch``. With ``dp``, they are DP-SGD steps on Poisson-sampled
-    batches.
+    ``train.physical_batch``, on ``learner.device``. With ``dp``, they are DP-SGD
+    steps on Poisson-sampled batches.
 
     The optimizer is fresh every call: local optimizer state does not survive a
     round, as in FedAvg-style methods."""
     torch.manual_seed(seed)  # dropout
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = OPTIMIZER_CLASSES[train.optimizer](params, lr=train.lr, weight_decay=train.weight_decay)
-    forward, batches = model, batch_order(len(data), steps, train.batch_size, seed)
-    if dp is not None:
-        forward, optimizer = make_private(model, optimizer, dp, train.batch_size)
-        batches = poisson_batches(len(data), steps, train.batch_size, dp.seed)
-    model.train()
-    losses, tokens, sequences = [], 0, 0
-    for idx in tqdm(batches, desc="steps", leave=False, disable=not progress):
-        if not len(idx):  # an empty Poisson sample: nothing to learn, nothing released
-            continue
-        loss, batch_tokens = _step(forward, optimizer, learner, data, idx, train.physical_batch, private=dp is not None)
-        losses.append(loss)
-        tokens, sequences = tokens + batch_tokens, sequences + len(idx)
-    if dp is not None:
-        forward.remove_hooks()
-    model.eval()
+    with computing_on(model, learner.device):
+        optimizer = OPTIMIZER_CLASSES[train.optimizer](params, lr=train.lr, weight_decay=train.weight_decay)
+        forward, batches = model, batch_order(len(data), steps, train.batch_size, seed)
+        if dp is not None:
+            forward, optimizer = make_private(model, optimizer, dp, train.batch_size)
+            batches = poisson_batches(len(data), steps, train.batch_size, dp.seed)
+        # float16 base weights: scale the loss so small gradients survive (bfloat16 has float32's range).
+        scaler = torch.amp.GradScaler(learner.device.type) if learner.dtype == torch.float16 else None
+        model.train()
+        losses, tokens, sequences = [], 0, 0
+        for idx in tqdm(batches, desc="steps", leave=False, disable=not progress):
+            if not len(idx):  # an empty Poisson sample: nothing to learn, nothing released
+                continue
+            loss, batch_tokens = _step(forward, optimizer, learner, data, idx, train.physical_batch, dp is not None, scaler)
+            losses.append(loss)
+            tokens, sequences = tokens + batch_tokens, sequences + len(idx)
+        if dp is not None:
+            forward.remove_hooks()
+        model.eval()
     return TrainStats(float(np.mean(losses)) if losses else float("nan"), len(losses), tokens, sequences)
 
 
@@ -83,6 +87,7 @@ def _step(
     idx: np.ndarray,
     physical: int,
     private: bool,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> tuple[float, int]:
     """One optimizer step on the batch ``idx``, its gradient gathered over chunks of at
     most ``physical`` examples; returns the batch's mean loss and its token positions."""
@@ -101,9 +106,13 @@ def _step(
             optimizer.signal_skip_step(do_skip=more)
         else:
             loss = loss * (len(chunk) / len(idx))  # the chunks' gradients add up to the batch mean's
-        loss.backward()
+        (scaler.scale(loss) if scaler else loss).backward()
         if private and more:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-    optimizer.step()
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
     return loss_sum / len(idx), tokens

@@ -3,9 +3,14 @@ engine of FedKSeed.
 
 A perturbation z ~ N(0, I) over the tuned parameters is never stored: each
 parameter's slice is regenerated from (seed, parameter index) by a CPU generator
-whenever it is needed, so any party can rebuild it. A step costs two forward passes
-and three regenerations; it keeps no copy of the parameters, no optimizer state and
-no activations.
+whenever it is needed, so any party can rebuild it, and then moved to the
+parameter's device: the same z on a GPU as on the CPU. A step costs two forward
+passes and three regenerations; it keeps no copy of the parameters, no optimizer
+state and no activations.
+
+Updates are applied as two correctly rounded operations, w + (alpha * z), never
+as one fused multiply-add (which a GPU kernel may use and the CPU may not), so a
+CPU replica replays a GPU client's moves to the bit.
 """
 
 from __future__ import annotations
@@ -43,9 +48,10 @@ def tuned_parameters(model: nn.Module, names: list[str]) -> list[Tuned]:
 
 
 def noise(seed: int, index: int, like: torch.Tensor) -> torch.Tensor:
-    """Parameter ``index``'s slice of the perturbation drawn from ``seed``."""
+    """Parameter ``index``'s slice of the perturbation drawn from ``seed``, on ``like``'s device."""
     generator = torch.Generator().manual_seed(seed * 65_536 + index)
-    return torch.empty_like(like).normal_(generator=generator)
+    z = torch.empty(like.shape, dtype=like.dtype).normal_(generator=generator)
+    return z.to(like.device)
 
 
 @contextmanager
@@ -59,7 +65,7 @@ def perturbed(tuned: list[Tuned], seed: int, scale: float) -> Iterator[None]:
 
     def swap_in(module: nn.Module, args: tuple) -> None:
         for t, param in by_module[module]:
-            module._parameters[t.attr] = param + scale * noise(seed, t.index, param)
+            module._parameters[t.attr] = param + noise(seed, t.index, param).mul_(scale)
 
     def swap_out(module: nn.Module, args: tuple, output: object) -> None:
         for t, param in by_module[module]:
@@ -81,7 +87,7 @@ def perturbed(tuned: list[Tuned], seed: int, scale: float) -> Iterator[None]:
 def move(tuned: list[Tuned], seed: int, alpha: float) -> None:
     """w += alpha * z(seed), in place. Every replica applies updates through this."""
     for t in tuned:
-        t.param.add_(noise(seed, t.index, t.param), alpha=alpha)
+        t.param.add_(noise(seed, t.index, t.param).mul_(alpha))
 
 
 @torch.no_grad()

@@ -23,6 +23,7 @@ from fedtune.cli import main
 from fedtune.deploy import certs, commands
 from fedtune.deploy.flwr_cli import BIN
 from fedtune.deploy.probe import split_address
+from fedtune.deploy.topology import node_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = json.loads((ROOT / "tests" / "data" / "compose-spec.json").read_text())
@@ -183,18 +184,45 @@ def test_every_fedtune_command_parses(compose, parse, tmp_path):
     assert submit.action == "submit" and submit.superlink.endswith(":9093") and submit.config.endswith("quick.toml")
     assert [str(k) for k in parse(_argv(services["register"])).keys] == ["/certs/nodes"]
 
-    # Supernodes: run clients/entrypoint.sh with the service's environment, a stub `fedtune` recording its argv.
+    for name, service in _supernodes(compose).items():
+        node = _node_command(service, parse, tmp_path)
+        assert (node.superlink, str(node.ca), str(node.flwr_home)) == ("superlink:9092", "/certs/ca.pem", "/data/flwr-home")
+        assert (node.partition_id, node.device) == (int(service["environment"]["PARTITION_ID"]), service["environment"]["DEVICE"])
+        assert node.torch_device == ""  # the run's model.device
+        assert f"('127.0.0.1', {node.port})" in service["healthcheck"]["test"][-1]  # the health check probes its Runtime API
+
+
+def _node_command(service, parse, tmp_path):
+    """A supernode's `fedtune deploy node` arguments: clients/entrypoint.sh run with
+    the service's environment and a stub `fedtune` that records its argv."""
     stub = tmp_path / "fedtune"
     stub.write_text('#!/bin/sh\nprintf "%s\\0" fedtune "$@" > "$ARGV_OUT"\n')
     stub.chmod(0o755)
-    for name, service in _supernodes(compose).items():
-        env = {**{k: str(v) for k, v in service["environment"].items()}, "PATH": f"{tmp_path}:{os.environ['PATH']}",
-               "HOME": str(tmp_path), "ARGV_OUT": str(tmp_path / "argv")}
-        subprocess.run([ROOT / service["command"][0].removeprefix("/app/")], env=env, check=True)
-        node = parse((tmp_path / "argv").read_text().split("\0")[:-1])
-        assert (node.superlink, str(node.ca), str(node.flwr_home)) == ("superlink:9092", "/certs/ca.pem", "/data/flwr-home")
-        assert (node.partition_id, node.device) == (int(service["environment"]["PARTITION_ID"]), service["environment"]["DEVICE"])
-        assert f"('127.0.0.1', {node.port})" in service["healthcheck"]["test"][-1]  # the health check probes its Runtime API
+    env = {**{k: str(v) for k, v in service["environment"].items()}, "PATH": f"{tmp_path}:{os.environ['PATH']}",
+           "HOME": str(tmp_path), "ARGV_OUT": str(tmp_path / "argv")}
+    subprocess.run([ROOT / service["command"][0].removeprefix("/app/")], env=env, check=True)
+    return parse((tmp_path / "argv").read_text().split("\0")[:-1])
+
+
+def _merge(base, override):
+    """Compose's merge of an override file: mappings key by key, recursively; anything else replaced."""
+    if not (isinstance(base, dict) and isinstance(override, dict)):
+        return override
+    return {**base, **{k: _merge(base.get(k), v) for k, v in override.items()}}
+
+
+def test_the_gpu_override_gives_one_client_a_gpu_it_trains_on(compose, parse, tmp_path):
+    override = yaml.safe_load((ROOT / "docker-compose.gpu.yml").read_text())
+    merged = _merge(compose, {k: v for k, v in override.items() if not k.startswith("x-")})
+    assert [e.message for e in jsonschema.Draft201909Validator(SCHEMA).iter_errors(merged)] == []
+    gpu = merged["services"]["supernode-0"]
+    assert gpu["deploy"]["resources"]["reservations"]["devices"] == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    # Its own image, built with a CUDA wheel of the pinned torch; the others keep the CPU one.
+    assert gpu["image"] != compose["services"]["supernode-1"]["image"] == merged["services"]["supernode-1"]["image"]
+    assert "ARG TORCH_INDEX=" in (ROOT / "Dockerfile").read_text() and "/whl/cu" in gpu["build"]["args"]["TORCH_INDEX"]
+    node = _node_command(gpu, parse, tmp_path)
+    assert (node.partition_id, node.device, node.torch_device) == (0, compose["services"]["supernode-0"]["environment"]["DEVICE"], "cuda")
+    assert node_config(node.partition_id, node.device, node.torch_device)["torch-device"] == "cuda"
 
 
 def test_the_serverapp_runner_flags_exist(compose):

@@ -17,6 +17,7 @@ from fedtune.app.messages import RECORD, enrollment_reply, read_train, train_rep
 from fedtune.clients import client_name
 from fedtune.codecs.link import Codecs
 from fedtune.config import RunConfig
+from fedtune.devices import resolve_device
 from fedtune.environment import configure_process
 from fedtune.errors import FedtuneError
 from fedtune.hardware.profiles import device_names
@@ -40,6 +41,7 @@ def enroll(msg: Message, context: Context) -> Message:
     config = config_from_json(config_json)
     pid = _partition_id(context, config)
     _check_device(context, config, pid)
+    resolve_device(_torch_device(context) or config.model.device)  # a node without its device refuses here, in one line
     data = client_data(config, pid)
     return enrollment_reply(msg, client_name(pid), pid, np.bincount(data.labels, minlength=len(data.label_names)).tolist())
 
@@ -56,7 +58,7 @@ def train(msg: Message, context: Context) -> Message:
     privacy, memory = client_privacy(config, method, pid, len(data), down.round), _load(context, PRIVACY)
     job = privacy.prepare(job, memory)
     started = time.perf_counter()
-    result = method.client_train(load_model(config), down.tensors, job)
+    result = method.client_train(load_model(config, _torch_device(context)), down.tensors, job)
     result = dataclasses.replace(result, metrics={**result.metrics, "train_time_s": time.perf_counter() - started})
     result = privacy.finish(result, job, memory)
     _save(context, STATE, job.state)
@@ -86,6 +88,11 @@ def _partition_id(context: Context, config: RunConfig) -> int:
             "run as many SuperNodes as clients"
         )
     return pid
+
+
+def _torch_device(context: Context) -> str:
+    """The node's own torch device (node config ``torch-device``); "": the run's model.device."""
+    return str(context.node_config.get("torch-device", ""))
 
 
 def _check_device(context: Context, config: RunConfig, pid: int) -> None:

@@ -64,7 +64,7 @@ def deploy_superlink(args: argparse.Namespace) -> int:
 
 
 def deploy_node(args: argparse.Namespace) -> int:
-    return services.run_node(args.superlink, args.ca, args.key, node_config(args.partition_id, args.device),
+    return services.run_node(args.superlink, args.ca, args.key, node_config(args.partition_id, args.device, args.torch_device),
                              args.port, args.flwr_home)
 
 

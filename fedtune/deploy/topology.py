@@ -71,9 +71,11 @@ def supernode_command(superlink: str, ca: Path, key: Path, node_config: dict[str
     ]
 
 
-def node_config(partition_id: int, device: str = "") -> dict[str, int | str]:
-    """A SuperNode's node config: its data partition and, if it declares one, its device profile."""
-    return {"partition-id": partition_id, **({"device": device} if device else {})}
+def node_config(partition_id: int, device: str = "", torch_device: str = "") -> dict[str, int | str]:
+    """A SuperNode's node config: its data partition and, if it declares them, its
+    device profile (hardware model) and the torch device it trains on."""
+    declared = {"device": device, "torch-device": torch_device}
+    return {"partition-id": partition_id, **{k: v for k, v in declared.items() if v}}
 
 
 def worker_command(port: int, app: str | None = None) -> list[str]:

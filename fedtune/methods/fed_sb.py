@@ -134,7 +134,7 @@ def _bases_from_first_update(learner: Learner, data: Examples, config: RunConfig
                 w.requires_grad_(False)
     bases = {}
     for path, w in weights.items():
-        u, _, vh = torch.linalg.svd(-torch.sign(w.grad), full_matrices=False)
+        u, _, vh = torch.linalg.svd(-torch.sign(w.grad).float(), full_matrices=False)
         bases[f"{path}.A"], bases[f"{path}.B"] = vh[:rank].contiguous(), u[:, :rank].contiguous()
         w.grad = None
     return bases

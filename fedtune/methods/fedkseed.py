@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from fedtune import zeroth_order as zo
+from fedtune.devices import computing_on
 from fedtune.errors import FedtuneError
 from fedtune.methods.adapters import lora_layers, temporarily_wrapped
 from fedtune.methods.base import (
@@ -236,18 +237,19 @@ class FedKSeed(Method):
         draws = rng.choice(self.k, size=steps, p=probs)
         model = learner.model.eval()  # no dropout: both forward passes see the same function
         scalars, losses, tokens, sequences = [], [], 0, 0
-        for j, idx in zip(draws, batch_order(len(job.data), steps, t.batch_size, job.seed)):
-            seen = []  # the token positions of each forward pass
+        with computing_on(model, learner.device):
+            for j, idx in zip(draws, batch_order(len(job.data), steps, t.batch_size, job.seed)):
+                seen = []  # the token positions of each forward pass
 
-            def batch_loss(idx=idx) -> float:
-                loss, positions = learner.loss(model, job.data, idx)
-                seen.append(positions)
-                return loss.item()
+                def batch_loss(idx=idx) -> float:
+                    loss, positions = learner.loss(model, job.data, idx)
+                    seen.append(positions)
+                    return loss.item()
 
-            g, loss = zo.spsa_step(batch_loss, tuned, self.seeds[j], eps, t.lr)
-            tokens, sequences = tokens + seen[0], sequences + len(idx)
-            scalars.append(g)
-            losses.append(loss)
+                g, loss = zo.spsa_step(batch_loss, tuned, self.seeds[j], eps, t.lr)
+                tokens, sequences = tokens + seen[0], sequences + len(idx)
+                scalars.append(g)
+                losses.append(loss)
         seeds, values = torch.from_numpy(draws.astype(np.int32)), torch.tensor(scalars, dtype=torch.float32)
         if self.config.fedkseed.encoding == "paper":
             up = {"seeds": seeds, "scalars": values}

@@ -51,3 +51,6 @@ class FedKSeedSection:
         require(1 <= self.num_seeds <= 2**31 - 1, "fedkseed.num_seeds", "between 1 and 2**31 - 1", self.num_seeds)
         require(self.eps > 0, "fedkseed.eps", "> 0", self.eps)
         require(self.encoding in ("paper", "compact"), "fedkseed.encoding", "'paper' or 'compact'", self.encoding)
+        require(config.federation.method != "fedkseed" or config.model.dtype == "float32", "model.dtype",
+                "float32 for fedkseed (it tunes the base weights themselves, and a perturbation of fedkseed.eps "
+                "vanishes in a 16-bit weight's rounding)", config.model.dtype)

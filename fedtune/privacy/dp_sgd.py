@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
+from opacus.optimizers.optimizer import _check_processed_flag, _generate_noise, _mark_as_processed
 from torch import nn
 
 
@@ -33,11 +34,25 @@ def poisson_batches(num_examples: int, steps: int, batch_size: int, seed: int) -
     return [np.flatnonzero(rng.random(num_examples) < rate) for _ in range(steps)]
 
 
+class CPUNoiseDPOptimizer(DPOptimizer):
+    """Opacus' DPOptimizer with its Gaussian noise drawn by a CPU generator and then
+    moved to each parameter's device (Opacus draws on the parameter's device, which
+    would need a generator there): the same seed gives the same noise on any device."""
+
+    def add_noise(self) -> None:
+        for p in self.params:
+            _check_processed_flag(p.summed_grad)
+            reference = torch.empty(p.summed_grad.shape, dtype=p.summed_grad.dtype)
+            noise = _generate_noise(self.noise_multiplier * self.max_grad_norm, reference, self.generator, self.secure_mode)
+            p.grad = (p.summed_grad + noise.to(p.summed_grad.device)).view_as(p)
+            _mark_as_processed(p.summed_grad)
+
+
 def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, dp: DPSGD, batch_size: int) -> tuple[GradSampleModule, DPOptimizer]:
     """``model`` with per-example gradient hooks, and ``optimizer`` clipping and
     noising them (noise seeded by ``dp.seed``, so that a kept secret reproduces a run)."""
     module = GradSampleModule(model, loss_reduction="mean", strict=False)
-    private = DPOptimizer(
+    private = CPUNoiseDPOptimizer(
         optimizer,
         noise_multiplier=dp.noise_multiplier,
         max_grad_norm=dp.clip,

@@ -51,7 +51,9 @@ class EvalResult:
 
 
 class Learner(Protocol):
-    model: nn.Module
+    model: nn.Module  # kept on the CPU; moved to ``device`` while it computes (fedtune.devices)
+    device: torch.device  # where it trains, evaluates and generates
+    dtype: torch.dtype  # of the frozen base weights; what is trained is float32
     head_name: str | None  # a top-level module trained in full beside the adapters (a classifier's head)
     metric: str  # the name of EvalResult.score: "accuracy" or "rouge_l"
 

@@ -31,6 +31,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from fedtune.config import InstructSection, ModelSection
 from fedtune.data import read_frame
+from fedtune.devices import DTYPES, autocast, computing_on, device_of
 from fedtune.errors import FedtuneError
 from fedtune.models import is_decoder_only, resolve_model_path
 from fedtune.tasks import EvalResult, Generation
@@ -104,8 +105,9 @@ def load_instruct_dataset(source: str, cfg: InstructSection, split: str = "train
     return InstructDataset(table.instruction.tolist(), table.context.tolist(), table.response.tolist(), labels, names)
 
 
-def load_language_model(model_cfg: ModelSection, cfg: InstructSection) -> LanguageModel:
-    """A float32 causal LM in eval mode, and how it reads and writes instructions."""
+def load_language_model(model_cfg: ModelSection, cfg: InstructSection, device: torch.device = torch.device("cpu")) -> LanguageModel:
+    """A causal LM in eval mode, on the CPU, that trains, evaluates and generates on
+    ``device`` (base weights in ``model.dtype``), and how it reads and writes instructions."""
     path = resolve_model_path(model_cfg)
     try:
         config = AutoConfig.from_pretrained(path)
@@ -113,7 +115,7 @@ def load_language_model(model_cfg: ModelSection, cfg: InstructSection) -> Langua
             raise FedtuneError(f"model.name={model_cfg.name!r} is a {config.model_type} model, not a decoder-only LM: "
                                "task.kind = 'instruct' needs one (such as 'smollm2')")
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[model_cfg.dtype])
     except FedtuneError:
         raise
     except Exception as exc:
@@ -126,7 +128,8 @@ def load_language_model(model_cfg: ModelSection, cfg: InstructSection) -> Langua
         raise FedtuneError(f"instruct.template = 'chat' but {path}'s tokenizer has no chat template; "
                            "give a format string of {instruction} and {context}")
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return LanguageModel(model.eval(), tokenizer, model_cfg.max_length, cfg.template, cfg.max_new_tokens, cfg.generate_size)
+    return LanguageModel(model.eval(), tokenizer, model_cfg.max_length, cfg.template, cfg.max_new_tokens, cfg.generate_size,
+                         device, DTYPES[model_cfg.dtype])
 
 
 @dataclass
@@ -141,17 +144,20 @@ class LanguageModel:
     template: str  # "chat": the tokenizer's chat template; else a format string of {instruction}, {context}
     max_new_tokens: int
     generate_size: int  # held-out examples generated for Rouge-L (0: all)
+    device: torch.device = torch.device("cpu")  # where it trains, evaluates and generates
+    dtype: torch.dtype = torch.float32  # of the frozen base weights
     head_name = None  # nothing is trained in full beside the adapters
     metric = "rouge_l"
 
     def evaluate(self, model: nn.Module, data: InstructDataset, batch_size: int, generate: bool = True) -> EvalResult:
         """Response loss and perplexity on ``data``; with ``generate``, Rouge-L of the
         greedy responses to its first generate_size prompts."""
-        loss = self.response_loss(model, data, batch_size)
-        if not generate:
-            return EvalResult(score=None, loss=loss, perplexity=perplexity(loss))
-        shown = data.subset(np.arange(min(self.generate_size or len(data), len(data))))
-        outputs = self.generate(model, shown, batch_size)
+        with computing_on(model, self.device):
+            loss = self.response_loss(model, data, batch_size)
+            if not generate:
+                return EvalResult(score=None, loss=loss, perplexity=perplexity(loss))
+            shown = data.subset(np.arange(min(self.generate_size or len(data), len(data))))
+            outputs = self.generate(model, shown, batch_size)
         samples = tuple(Generation(self.prompt(i, c), r, o) for i, c, r, o in
                         zip(shown.instructions, shown.contexts, shown.responses, outputs))
         return EvalResult(score=rouge_l(outputs, shown.responses), loss=loss, perplexity=perplexity(loss), generations=samples)
@@ -178,9 +184,9 @@ class LanguageModel:
         response = response[: max(1, self.max_length - min(len(prompt), self.max_length // 2))]
         return prompt[-(self.max_length - len(response)):], response
 
-    def encode(self, data: InstructDataset, idx: Sequence[int]) -> dict[str, torch.Tensor]:
-        """A right-padded batch: input_ids, attention_mask, and labels that are the
-        response tokens where the model predicts them, IGNORE elsewhere."""
+    def encode(self, data: InstructDataset, idx: Sequence[int], device: torch.device | None = None) -> dict[str, torch.Tensor]:
+        """A right-padded batch on ``device``: input_ids, attention_mask, and labels
+        that are the response tokens where the model predicts them, IGNORE elsewhere."""
         pairs = [self.example_ids(data, i) for i in idx]
         width = max(len(p) + len(r) for p, r in pairs)
         ids = torch.full((len(pairs), width), self.tokenizer.pad_token_id)
@@ -191,20 +197,21 @@ class LanguageModel:
             ids[row, :n] = torch.tensor(prompt + response)
             labels[row, len(prompt) : n] = torch.tensor(response)
             mask[row, :n] = 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
 
     def token_losses(self, forward: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per example: the summed cross-entropy of its response tokens, and their number."""
-        logits = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits[:, :-1]
+        with autocast(batch["input_ids"].device, self.dtype):
+            logits = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits[:, :-1]
         targets = batch["labels"][:, 1:]
-        losses = F.cross_entropy(logits.transpose(1, 2), targets.clamp(min=0), reduction="none")
+        losses = F.cross_entropy(logits.float().transpose(1, 2), targets.clamp(min=0), reduction="none")
         counted = targets != IGNORE
         return (losses * counted).sum(dim=1), counted.sum(dim=1)
 
     def loss(self, forward: nn.Module, data: InstructDataset, idx: Sequence[int]) -> tuple[torch.Tensor, int]:
         """The batch's mean over examples of each one's mean response-token loss, and
         the token positions it processed."""
-        batch = self.encode(data, idx)
+        batch = self.encode(data, idx, device_of(forward))
         sums, counts = self.token_losses(forward, batch)
         return (sums / counts.clamp(min=1)).mean(), batch["input_ids"].numel()
 
@@ -215,7 +222,7 @@ class LanguageModel:
         order = np.argsort([len(r) + len(i) for r, i in zip(data.responses, data.instructions)], kind="stable")
         total, tokens = 0.0, 0
         for start in range(0, len(order), batch_size):
-            sums, counts = self.token_losses(model, self.encode(data, order[start : start + batch_size]))
+            sums, counts = self.token_losses(model, self.encode(data, order[start : start + batch_size], device_of(model)))
             total, tokens = total + float(sums.sum()), tokens + int(counts.sum())
         return total / max(tokens, 1)
 
@@ -231,13 +238,15 @@ class LanguageModel:
         for start in tqdm(range(0, len(order), batch_size), desc="generating", unit="batch", leave=False, disable=not progress):
             idx = order[start : start + batch_size]
             width = max(len(prompts[i]) for i in idx)
-            ids = torch.tensor([[self.tokenizer.pad_token_id] * (width - len(prompts[i])) + prompts[i] for i in idx])
-            mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in idx])
-            generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.max_new_tokens, do_sample=False,
-                                       use_cache=True, pad_token_id=self.tokenizer.pad_token_id,
-                                       eos_token_id=self.tokenizer.eos_token_id)
+            device = device_of(model)
+            ids = torch.tensor([[self.tokenizer.pad_token_id] * (width - len(prompts[i])) + prompts[i] for i in idx], device=device)
+            mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in idx], device=device)
+            with autocast(device, self.dtype):
+                generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.max_new_tokens,
+                                           do_sample=False, use_cache=True, pad_token_id=self.tokenizer.pad_token_id,
+                                           eos_token_id=self.tokenizer.eos_token_id)
             for row, i in enumerate(idx):
-                out[i] = self.tokenizer.decode(generated[row, width:], skip_special_tokens=True).strip()
+                out[i] = self.tokenizer.decode(generated[row, width:].tolist(), skip_special_tokens=True).strip()
         return out
 
 
