@@ -70,9 +70,6 @@ def autocast(device: torch.device, dtype: torch.dtype) -> AbstractContextManager
     return torch.autocast(device.type, dtype=dtype)
 
 
-def free_memory_gb(device: torch.device) -> float | None:
-    """Free memory of an accelerator as its driver reports it; None on the CPU."""
-    if device.type != "cuda":
-        return None
-    free, _total = torch.cuda.mem_get_info(device)
-    return free / 2**30
+def free_memory(device: torch.device) -> int:
+    """Bytes free on an accelerator, as its driver reports them; 0 on the CPU."""
+    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0

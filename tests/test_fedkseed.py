@@ -75,8 +75,8 @@ def test_spsa_step_estimates_the_directional_derivative(tmp_path):
     start = {t.name: t.param.clone() for t in tuned}
     g, _ = zo.spsa_step(loss, tuned, seed=5, eps=1e-3, lr=1e-4)
     assert g == pytest.approx(exact, rel=0.05)
-    for t in tuned:  # w moved by exactly -lr g z
-        expected = start[t.name].clone().add_(zo.noise(5, t.index, t.param), alpha=-1e-4 * g)
+    for t in tuned:  # w moved by exactly -lr g z, as w + (alpha z): two roundings, no fused multiply-add
+        expected = start[t.name] + zo.noise(5, t.index, t.param) * (-1e-4 * g)
         assert torch.equal(t.param, expected)
 
 

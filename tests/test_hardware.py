@@ -260,3 +260,17 @@ def test_a_deadline_drops_the_slow_device_every_round(tmp_path):
         assert (hardware["stragglers"], hardware["took_part"], row["aggregated"]) == (1, {"fast": 2, "slow": 0}, 2)
         assert hardware["sim_round_s"] == 5.0
     assert summary.sim_time_s == 10.0 and summary.client_rounds_by_device == {"fast": 4, "slow": 0}
+
+
+def test_a_client_on_an_accelerator_is_planned_by_the_memory_it_measured(tmp_path):
+    """Clients 0 and 1 report what their GPUs have free at enrollment: 0 too little
+    to train (excluded, the reason naming the measured bytes), 1 plenty; client 2,
+    on its CPU, keeps its profile's 8 GB."""
+    learner = load_model(small_config(tmp_path))
+    catalogue_only = Fleet(_fleet_config(tmp_path), learner, FedIT, Uniform(3, 0))
+    need = catalogue_only.plans[0].memory
+    fleet = Fleet(_fleet_config(tmp_path), learner, FedIT, Uniform(3, 0), {0: int(need) - 1, 1: 10**12})
+    assert fleet.eligible() == [1, 2] and catalogue_only.eligible() == [0, 1, 2]
+    assert f"{(int(need) - 1) / 1e9:.2f} GB" in fleet.excluded()[0]
+    assert fleet.devices[1].memory == 1e12 and fleet.devices[2].memory == 8e9
+    assert "GB free (measured)" in fleet.describe().splitlines()[2] and "measured" not in fleet.describe().splitlines()[3]

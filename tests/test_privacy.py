@@ -10,14 +10,13 @@ import torch
 from conftest import small_config, train_lora
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
-from opacus.optimizers import DPOptimizer
 
 from fedtune.config import TrainSection
 from fedtune.errors import FedtuneError
 from fedtune.methods import ClientUpdate, get_method
 from fedtune.methods.adapters import trainable_state, wrap_with_lora
 from fedtune.privacy.accounting import Budget
-from fedtune.privacy.dp_sgd import DPSGD, make_private
+from fedtune.privacy.dp_sgd import DPSGD, CPUNoiseDPOptimizer, make_private
 from fedtune.privacy.mechanism import Noise, clip_update
 from fedtune.report.run_dir import create_run_dir
 from fedtune.rounds.release import by_examples
@@ -229,8 +228,8 @@ def test_dp_sgd_logical_batch_in_physical_chunks_is_one_step(tmp_path, monkeypat
     config = small_config(tmp_path)
     dp = DPSGD(noise_multiplier=noise, clip=0.05)  # clips every example (see above)
     draws = []
-    add_noise = DPOptimizer.add_noise
-    monkeypatch.setattr(DPOptimizer, "add_noise", lambda self: draws.append(1) or add_noise(self))
+    add_noise = CPUNoiseDPOptimizer.add_noise
+    monkeypatch.setattr(CPUNoiseDPOptimizer, "add_noise", lambda self: draws.append(1) or add_noise(self))
     train = TrainSection(optimizer="sgd", batch_size=16, lr=0.1)
     whole, whole_sizes = train_lora(config, train, steps=2, dp=dp)
     chunked, sizes = train_lora(config, dataclasses.replace(train, physical_batch_size=5), steps=2, dp=dp)

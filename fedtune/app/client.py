@@ -17,7 +17,7 @@ from fedtune.app.messages import RECORD, enrollment_reply, read_train, train_rep
 from fedtune.clients import client_name
 from fedtune.codecs.link import Codecs
 from fedtune.config import RunConfig
-from fedtune.devices import resolve_device
+from fedtune.devices import free_memory, resolve_device
 from fedtune.environment import configure_process
 from fedtune.errors import FedtuneError
 from fedtune.hardware.profiles import device_names
@@ -41,9 +41,10 @@ def enroll(msg: Message, context: Context) -> Message:
     config = config_from_json(config_json)
     pid = _partition_id(context, config)
     _check_device(context, config, pid)
-    resolve_device(_torch_device(context) or config.model.device)  # a node without its device refuses here, in one line
+    device = resolve_device(_torch_device(context) or config.model.device)  # a node without it refuses here, in one line
     data = client_data(config, pid)
-    return enrollment_reply(msg, client_name(pid), pid, np.bincount(data.labels, minlength=len(data.label_names)).tolist())
+    histogram = np.bincount(data.labels, minlength=len(data.label_names)).tolist()
+    return enrollment_reply(msg, client_name(pid), pid, histogram, free_memory(device))
 
 
 @app.train()

@@ -18,9 +18,11 @@ def enrollment(config_json: str, node_id: int) -> Message:
                    message_type=MessageType.QUERY)
 
 
-def enrollment_reply(msg: Message, client_name: str, partition_id: int, histogram: list[int]) -> Message:
-    """Client -> server: who it is, and its partition's examples per class."""
-    record = ConfigRecord({"client": client_name, "partition_id": partition_id, "histogram": histogram})
+def enrollment_reply(msg: Message, client_name: str, partition_id: int, histogram: list[int], device_memory: int) -> Message:
+    """Client -> server: who it is, its partition's examples per class, and the bytes
+    free on the accelerator it trains on (0: it trains on the CPU)."""
+    record = ConfigRecord({"client": client_name, "partition_id": partition_id, "histogram": histogram,
+                           "device_memory": device_memory})
     return Message(RecordDict({RECORD: record}), reply_to=msg)
 
 

@@ -152,11 +152,15 @@ def compose(grid: Grid, config: RunConfig, run_dir: Path, saved: dict | None) ->
     examples = {c: len(p) for c, p in enumerate(client_partitions(config))}  # the server's own count, not the clients'
     root = saved["root"] if saved else secrets.server_root(run_dir, config)
     privacy = server_privacy(config, examples, root)
-    participation, config = _participation(config, learner, privacy.sampler())
+    enrolled = enroll(grid, config, train.label_names, examples)
+    participation, planned = _participation(config, learner, privacy.sampler(), enrolled.device_memory)
+    if planned != config:  # the ranks planned from what the clients measured: every client gets them
+        enroll(grid, planned, train.label_names, examples, announce=False)
+    config = planned
     method = get_method(config)
     method.check(learner)
     method.server_init(learner)
-    nodes = enroll(grid, config, train.label_names, examples)
+    nodes = enrolled.nodes
     if line := privacy.describe():
         print(line, flush=True)
     privacy.check_first_round()
@@ -167,12 +171,15 @@ def compose(grid: Grid, config: RunConfig, run_dir: Path, saved: dict | None) ->
     return Server(config, run_dir, method, learner, test, exchange, privacy, recorder)
 
 
-def _participation(config: RunConfig, learner: Learner, sampler: Sampler) -> tuple[Participation, RunConfig]:
+def _participation(
+    config: RunConfig, learner: Learner, sampler: Sampler, device_memory: dict[int, int]
+) -> tuple[Participation, RunConfig]:
     """Every client a candidate every round, or the simulated fleet ([hardware]), with
-    the config it plans (the ranks clients train, where it picks them)."""
+    the config it plans (the ranks clients train, where it picks them) from each
+    client's measured accelerator memory where it has one."""
     if not config.hardware.modelled:
         return Participation(list(range(config.partition.num_clients)), sampler, config.train.local_steps), config
-    fleet = Fleet(config, learner, method_class(config.federation.method), sampler)
+    fleet = Fleet(config, learner, method_class(config.federation.method), sampler, device_memory)
     print(fleet.describe(), flush=True)
     return fleet, fleet.planned(config)
 

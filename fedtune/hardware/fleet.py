@@ -25,12 +25,20 @@ log = logging.getLogger("fedtune")
 
 
 class Fleet(Participation):
-    def __init__(self, config: RunConfig, learner: Learner, method: type[Method], sampler: Sampler) -> None:
+    def __init__(
+        self, config: RunConfig, learner: Learner, method: type[Method], sampler: Sampler, device_memory: dict[int, int] | None = None
+    ) -> None:
+        """``device_memory``: bytes free on the accelerator of each client that measured
+        one, which replaces its profile's memory in its plan."""
         clients = list(range(config.partition.num_clients))  # partition ids
         super().__init__(clients, sampler, config.train.local_steps)
         self.config, self.method = config, method
         self.kind = method.kind
-        self.devices: dict[int, DeviceProfile] = dict(zip(clients, assign_devices(config.hardware, len(clients), config.run.seed)))
+        self.measured = device_memory or {}
+        profiles = assign_devices(config.hardware, len(clients), config.run.seed)
+        self.devices: dict[int, DeviceProfile] = {
+            c: dataclasses.replace(d, memory=float(self.measured[c])) if c in self.measured else d for c, d in zip(clients, profiles)
+        }
         self.shape = ModelShape.of(learner.model)
         footprint = method.footprint(config, learner, {*config.hardware.rank_choices, config.lora.rank})
         context = config.model.max_length  # the worst case: every sequence padded to the limit
@@ -69,7 +77,8 @@ class Fleet(Participation):
             plan = f"LoRA rank {p.rank}" if p.kind == "adapter" else p.kind.replace("_", "-")
             if p.kind != self.kind:
                 plan = "excluded"
-            lines.append(f"{client_name(c):<10}{p.device.name:<16}{plan:<22}{p.memory / 1e9:.2f} GB")
+            measured = f" of {self.measured[c] / 1e9:.2f} GB free (measured)" if c in self.measured else ""
+            lines.append(f"{client_name(c):<10}{p.device.name:<16}{plan:<22}{p.memory / 1e9:.2f} GB{measured}")
         return "\n".join(lines)
 
     def excluded(self) -> dict[int, str]:
