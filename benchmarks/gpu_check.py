@@ -48,10 +48,10 @@ def steps_per_second(method: str, device: str, steps: int) -> float:
         sections["fedkseed"] = {"num_seeds": 1024}
     config = from_dict({**sections, "data": {"test_size": 100, "train_size": 400}})
     server = get_method(config)
-    server.server_init(load_model(config, "cpu"))
+    server.server_init(load_model(config, torch.device("cpu")))
     times = []
     for attempt in range(4):  # the first warms up kernels and caches
-        learner = load_model(config, device)
+        learner = load_model(config, torch.device(device))
         job = ClientJob(0, client_data(config, 0), seed=attempt, state={})
         if device.startswith("cuda"):
             torch.cuda.synchronize()

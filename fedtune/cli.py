@@ -92,7 +92,7 @@ def _prepare(args: argparse.Namespace) -> tuple[RunConfig, Path]:
     # before Ray starts, and a GGUF model is converted once, not once per client.
     parts = client_partitions(config)
     get_method(config).check(load_model(config))
-    resolve_device(config.model.server_device)
+    resolve_device(config.model.server_device, "model.server_device")
     server_privacy(config, {i: len(p) for i, p in enumerate(parts)}, config.run.seed).check_first_round()
 
     if not args.resume:

@@ -26,20 +26,21 @@ def valid_device(name: str) -> bool:
     return bool(_DEVICE.match(name))
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, key: str = "model.device") -> torch.device:
     """``auto``: the first CUDA device if there is one, else the CPU; ``cpu``;
-    ``cuda`` or ``cuda:N``, refused with a one-line error where it does not exist."""
+    ``cuda`` or ``cuda:N``, refused with a one-line error naming the setting ``key``
+    where it does not exist."""
     if not valid_device(name):
-        raise FedtuneError(f"model.device must be auto, cpu, cuda or cuda:N, got {name!r}")
+        raise FedtuneError(f"{key} must be auto, cpu, cuda or cuda:N, got {name!r}")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise FedtuneError(f"model.device = {name!r} but this machine has no CUDA device (torch {torch.__version__}); "
+            raise FedtuneError(f"{key} = {name!r} but this machine has no CUDA device (torch {torch.__version__}); "
                                "use 'auto' or 'cpu'")
         if (device.index or 0) >= torch.cuda.device_count():
-            raise FedtuneError(f"model.device = {name!r} but this machine has {torch.cuda.device_count()} CUDA device(s)")
+            raise FedtuneError(f"{key} = {name!r} but this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 

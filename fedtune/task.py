@@ -10,6 +10,7 @@ import json
 from functools import lru_cache
 
 import numpy as np
+import torch
 
 from fedtune.config import RunConfig, from_dict
 from fedtune.devices import resolve_device
@@ -73,11 +74,10 @@ def client_data(config: RunConfig, partition_id: int) -> Examples:
     return train.subset(client_partitions(config)[partition_id])
 
 
-def load_model(config: RunConfig, device: str = "") -> Learner:
+def load_model(config: RunConfig, device: torch.device | None = None) -> Learner:
     """A fresh learner: base weights from the (cached) model path, on the CPU; a
-    classifier's head seeded. It computes on ``device`` ("": ``model.device``, a
-    client's; the server passes ``model.server_device``)."""
-    placed = resolve_device(device or config.model.device)
+    classifier's head seeded. It computes on ``device`` (None: ``model.device``)."""
+    placed = device or resolve_device(config.model.device)
     if config.task.kind == "instruct":
         return load_language_model(config.model, config.instruct, placed)
     num_labels = len(load_splits(config)[0].label_names)

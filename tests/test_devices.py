@@ -26,11 +26,11 @@ def _config(tmp_path, name, **sections):
     return small_config(tmp_path, federation={"method": name}, **extra, **sections)
 
 
-def _one_round(config, client_device=""):
+def _one_round(config, client_device=None):
     """One round in process: a server on model.server_device and three clients on
     ``client_device``; returns the server, the clients' results and their learners."""
     server = get_method(config)
-    server.server_init(load_model(config, config.model.server_device))
+    server.server_init(load_model(config, torch.device(config.model.server_device)))
     results, learners = [], []
     for c in range(3):
         learner = load_model(config, client_device)
@@ -136,7 +136,7 @@ def test_every_method_trains_a_round_on_cuda(tmp_path, name):
     """Clients on the GPU, the server on the CPU: valid uplinks, a model that moved,
     and every client's model back on the CPU afterwards."""
     config = _config(tmp_path, name, model={"server_device": "cpu"})
-    server, results, learners = _one_round(config, "cuda")
+    server, results, learners = _one_round(config, torch.device("cuda"))
     assert all(learner.device.type == "cuda" for learner in learners)
     assert {p.device.type for learner in learners for p in learner.model.parameters()} == {"cpu"}
     assert all(t.device.type == "cpu" and torch.isfinite(t).all() for r in results for t in r.tensors.values())
@@ -155,13 +155,13 @@ def test_a_fedkseed_client_trained_on_cuda_is_replayed_bit_exactly_by_a_cpu_serv
     from the same start rebuilds the GPU client's local model to the bit."""
     config = _config(tmp_path, "fedkseed")
     server = get_method(config)
-    server.server_init(load_model(config, "cpu"))
-    learner = load_model(config, "cuda")
+    server.server_init(load_model(config, torch.device("cpu")))
+    learner = load_model(config, torch.device("cuda"))
     result = server.client_train(learner, server.server_downlink(0), ClientJob(0, client_data(config, 0), seed=3, state={}))
-    replica = load_model(config, "cpu")
+    replica = load_model(config, torch.device("cpu"))
     tuned = server.tuned(replica)
     for j, g in zip(result.tensors["seeds"].tolist(), result.tensors["scalars"].tolist()):
         zo.move(tuned, server.seeds[j], -config.train.lr * g)
     trained = dict(learner.model.named_parameters())
     assert all(torch.equal(t.param, trained[t.name]) for t in tuned)
-    assert any(not torch.equal(t.param, p) for t, p in zip(tuned, server.tuned(load_model(config, "cpu"))))
+    assert any(not torch.equal(t.param, p) for t, p in zip(tuned, server.tuned(load_model(config, torch.device("cpu")))))

@@ -9,6 +9,7 @@ import dataclasses
 import time
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
@@ -41,7 +42,7 @@ def enroll(msg: Message, context: Context) -> Message:
     config = config_from_json(config_json)
     pid = _partition_id(context, config)
     _check_device(context, config, pid)
-    device = resolve_device(_torch_device(context) or config.model.device)  # a node without it refuses here, in one line
+    device = _device(context, config)  # a node without the device it is told to use refuses here, in one line
     data = client_data(config, pid)
     histogram = np.bincount(data.labels, minlength=len(data.label_names)).tolist()
     return enrollment_reply(msg, client_name(pid), pid, histogram, free_memory(device))
@@ -59,7 +60,7 @@ def train(msg: Message, context: Context) -> Message:
     privacy, memory = client_privacy(config, method, pid, len(data), down.round), _load(context, PRIVACY)
     job = privacy.prepare(job, memory)
     started = time.perf_counter()
-    result = method.client_train(load_model(config, _torch_device(context)), down.tensors, job)
+    result = method.client_train(load_model(config, _device(context, config)), down.tensors, job)
     result = dataclasses.replace(result, metrics={**result.metrics, "train_time_s": time.perf_counter() - started})
     result = privacy.finish(result, job, memory)
     _save(context, STATE, job.state)
@@ -91,9 +92,11 @@ def _partition_id(context: Context, config: RunConfig) -> int:
     return pid
 
 
-def _torch_device(context: Context) -> str:
-    """The node's own torch device (node config ``torch-device``); "": the run's model.device."""
-    return str(context.node_config.get("torch-device", ""))
+def _device(context: Context, config: RunConfig) -> torch.device:
+    """Where this node trains: its node config's ``torch-device``, else the run's model.device."""
+    if own := str(context.node_config.get("torch-device", "")):
+        return resolve_device(own, "this node's torch-device")
+    return resolve_device(config.model.device)
 
 
 def _check_device(context: Context, config: RunConfig, pid: int) -> None:

@@ -30,6 +30,7 @@ from fedtune.app.exchange import Exchange, RoundOutcome
 from fedtune.clients import client_name
 from fedtune.codecs.link import Codecs
 from fedtune.config import RunConfig, from_dict, load_config
+from fedtune.devices import resolve_device
 from fedtune.environment import configure_process
 from fedtune.errors import FedtuneError
 from fedtune.hardware.fleet import Fleet
@@ -148,7 +149,7 @@ def serve(grid: Grid, config: RunConfig, run_dir: Path, resume: bool = False) ->
 def compose(grid: Grid, config: RunConfig, run_dir: Path, saved: dict | None) -> Server:
     """Every policy of the run, chosen once from the config, and the clients enrolled."""
     train, test = load_splits(config)
-    learner = load_model(config, config.model.server_device)
+    learner = load_model(config, resolve_device(config.model.server_device, "model.server_device"))
     examples = {c: len(p) for c, p in enumerate(client_partitions(config))}  # the server's own count, not the clients'
     root = saved["root"] if saved else secrets.server_root(run_dir, config)
     privacy = server_privacy(config, examples, root)
