@@ -8,6 +8,7 @@ from fedtune.report.recorder import Recorder
 from fedtune.report.rows import (
     Dropped,
     HardwareRow,
+    SUMMARY,
     RoundRow,
     RunSummary,
     append_row,
@@ -64,6 +65,18 @@ def test_refusals_survive_the_json_round_trip(config, tmp_path):
     summary = dataclasses.replace(recorder.summary(config, None), dropped={"size": 1, "failed": 2})
     finish(tmp_path, [row], summary)
     assert read_summary(tmp_path) == summary
+
+
+def test_a_summary_without_a_majority_baseline_reloads(config, tmp_path):
+    """The instruction task has no majority class: its summary leaves the baseline out
+    of summary.json (as every None) and must still reload, as `fedtune compare` does."""
+    recorder = Recorder(tmp_path, majority=None, metric="rouge_l")
+    recorder.record(0, EvalResult(0.09, 2.4, perplexity=11.0))
+    recorder.record(1, EvalResult(0.12, 1.9, perplexity=6.7))
+    summary = recorder.summary(config, None)
+    finish(tmp_path, [], summary)
+    assert "majority_score" not in json.loads((tmp_path / SUMMARY).read_text())
+    assert read_summary(tmp_path) == summary and summary.majority_score is None
 
 
 def test_human_bytes():

@@ -124,10 +124,13 @@ def to_json(record: RoundRow | RunSummary) -> dict[str, Any]:
 
 
 def from_json(cls: type, data: dict[str, Any]) -> Any:
-    """A RoundRow or RunSummary from its JSON form, non-finite values restored; keys
-    it does not know (written by a newer fedtune) are left out."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    values = {k: v for k, v in data.items() if k in known}
+    """A RoundRow or RunSummary from its JSON form, non-finite values and left-out
+    Nones restored; keys it does not know (written by a newer fedtune) are left out."""
+    fields = dataclasses.fields(cls)
+    known = {f.name for f in fields}
+    # to_json leaves None out: a field without a default that is absent was None.
+    values = {f.name: None for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    values |= {k: v for k, v in data.items() if k in known}
     values |= {k: float(v) for k, v in data.get("non_finite", {}).items() if k in known}
     if values.get("hardware") is not None:
         values["hardware"] = HardwareRow(**values["hardware"])
