@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from fedtune.config import RunConfig
 from fedtune.environment import configure_process
 from fedtune.privacy import secrets
+from fedtune.ray_cluster import on_cluster
 
 if TYPE_CHECKING:
     from flwr.app import Context
@@ -56,13 +57,14 @@ def run_simulation(
     per_client = config.simulation.cpus_per_client
     parallel = config.simulation.max_parallel_clients or max(1, cores // per_client)
     backend_config = {
-        # Ray schedules by CPU count: total CPUs / CPUs per client = clients in parallel.
+        # Ray schedules by CPU count: total CPUs / CPUs per client = clients in parallel;
+        # on a cluster (on_cluster), by the cluster's CPUs, and init_args goes unused.
         "client_resources": {"num_cpus": per_client, "num_gpus": 0.0},
         "init_args": {"num_cpus": parallel * per_client, "include_dashboard": False, "log_to_driver": verbose},
     }
     outcome: dict = {}
     stop, stopped = threading.Event(), threading.Event()
-    with _interruptible(stop, stopped):
+    with on_cluster(config, verbose), _interruptible(stop, stopped):
         flower_run_simulation(
             server_app=_stoppable(make_server_app(config, run_dir, outcome, resume), stop, stopped),
             client_app=client_app or client.app,
