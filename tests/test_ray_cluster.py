@@ -152,7 +152,8 @@ def _executions(log: Path) -> list[dict]:
 
 
 @pytest.mark.integration
-def test_two_node_cluster_runs_clients_on_both_nodes_with_a_single_node_run_s_results(tmp_path, two_node_cluster):
+def test_two_node_cluster_runs_clients_on_both_nodes_with_a_single_node_run_s_results(tmp_path, two_node_cluster, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # the single-node run starts a Ray of its own
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the recording ClientApp, for the workers
     runs = {}
     for name, address in (("single", ""), ("cluster", two_node_cluster)):
