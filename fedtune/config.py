@@ -8,6 +8,7 @@ raise :class:`FedtuneError` naming the key, before any model or data is loaded.
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -203,6 +204,9 @@ class SimulationSection:
     # GPUs reserved per client actor (Ray resources; fractions share one GPU);
     # 0: the machine's GPUs split among the parallel clients when model.device is CUDA.
     gpus_per_client: float = 0.0
+    # An existing Ray cluster to run the clients on ("host:port" of its head, or "auto"
+    # for the one started on this machine); "" = Ray's own RAY_ADDRESS, else this machine.
+    ray_address: str = ""
 
 
 @dataclass(frozen=True)
@@ -234,6 +238,13 @@ PRIVACY_MODES = ("none", "client", "sample")
 TASK_KINDS = ("classify", "instruct")  # task.kind (fedtune/tasks)
 RULES = ("mean", "median", "trimmed_mean")  # federation.aggregator (fedtune/rounds/release.py)
 OPTIMIZERS = ("adamw", "sgd")
+_HOST_PORT = re.compile(r"[A-Za-z0-9.\-]+:[0-9]{1,5}|\[[0-9A-Fa-f:]+\]:[0-9]{1,5}")
+RAY_ADDRESS_RULE = '"host:port" of a Ray head node or "auto"'
+
+
+def valid_ray_address(address: str) -> bool:
+    """simulation.ray_address and RAY_ADDRESS: an address fedtune can join (no Ray Client ray://)."""
+    return address == "auto" or _HOST_PORT.fullmatch(address) is not None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
@@ -460,5 +471,18 @@ def validate(c: RunConfig) -> None:
         c.simulation.max_parallel_clients >= 0,
         "simulation.max_parallel_clients",
         ">= 0",
+        c.simulation.max_parallel_clients,
+    )
+    address = c.simulation.ray_address
+    require(
+        not address or valid_ray_address(address),
+        "simulation.ray_address",
+        f'{RAY_ADDRESS_RULE} or "" (this machine)',
+        address,
+    )
+    require(
+        not (address and c.simulation.max_parallel_clients),
+        "simulation.max_parallel_clients",
+        "0 with simulation.ray_address (the cluster's CPUs / cpus_per_client set how many clients run at once)",
         c.simulation.max_parallel_clients,
     )

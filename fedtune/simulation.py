@@ -15,6 +15,7 @@ from fedtune.config import RunConfig
 from fedtune.environment import configure_process
 from fedtune.errors import FedtuneError
 from fedtune.privacy import secrets
+from fedtune.ray_cluster import on_cluster
 
 if TYPE_CHECKING:
     from flwr.app import Context
@@ -59,13 +60,14 @@ def run_simulation(
     gpus = gpus_per_client(config, parallel)
     backend_config = {
         # Ray schedules by CPU count: total CPUs / CPUs per client = clients in parallel
-        # (and by GPU share, where clients train on GPUs).
+        # (and by GPU share, where clients train on GPUs); on a cluster (on_cluster), by
+        # the cluster's CPUs, and init_args goes unused.
         "client_resources": {"num_cpus": per_client, "num_gpus": gpus},
         "init_args": {"num_cpus": parallel * per_client, "include_dashboard": False, "log_to_driver": verbose},
     }
     outcome: dict = {}
     stop, stopped = threading.Event(), threading.Event()
-    with _interruptible(stop, stopped):
+    with on_cluster(config, verbose), _interruptible(stop, stopped):
         flower_run_simulation(
             server_app=_stoppable(make_server_app(config, run_dir, outcome, resume), stop, stopped),
             client_app=client_app or client.app,

@@ -33,6 +33,9 @@ BAD = [
     ("[hardware]\nmix = {phone = 0.6, laptop = 0.6}", "hardware.mix"),
     ("[hardware]\ndevices = ['phone', 'abacus', 'phone', 'phone']", "hardware.devices"),
     ("[simulation]\ncpus_per_client = 0", "simulation.cpus_per_client"),
+    ("[simulation]\nray_address = 'ray://head:10001'", "simulation.ray_address"),
+    ("[simulation]\nray_address = 'head'", "simulation.ray_address"),
+    ("[simulation]\nray_address = 'head:6379'\nmax_parallel_clients = 2", "simulation.max_parallel_clients"),
     ("[nope]\nx = 1", "[nope]"),
     ("[run\nrounds = 1", "not valid TOML"),
 ]
