@@ -10,13 +10,15 @@ from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
 from fedtune import zeroth_order as zo
-from fedtune.config import from_dict
+from fedtune.config import TrainSection, from_dict
 from fedtune.devices import resolve_device
 from fedtune.errors import FedtuneError
 from fedtune.methods import METHODS, ClientJob, ClientUpdate, get_method
-from fedtune.privacy.dp_sgd import CPUNoiseDPOptimizer
+from fedtune.methods.adapters import trainable_state, wrap_with_lora
+from fedtune.privacy.dp_sgd import DPSGD, CPUNoiseDPOptimizer
 from fedtune.simulation import gpus_per_client
 from fedtune.task import client_data, load_model, load_splits
+from fedtune.training import train_steps
 
 
 def _config(tmp_path, name, **sections):
@@ -164,4 +166,17 @@ def test_a_fedkseed_client_trained_on_cuda_is_replayed_bit_exactly_by_a_cpu_serv
         zo.move(tuned, server.seeds[j], -config.train.lr * g)
     trained = dict(learner.model.named_parameters())
     assert all(torch.equal(t.param, trained[t.name]) for t in tuned)
-    assert any(not torch.equal(t.param, p) for t, p in zip(tuned, server.tuned(load_model(config, torch.device("cpu")))))
+    fresh = server.tuned(load_model(config, torch.device("cpu")))
+    assert any(not torch.equal(t.param, f.param) for t, f in zip(tuned, fresh))  # the steps moved it
+
+
+@pytest.mark.cuda
+def test_dp_sgd_trains_on_cuda_with_noise_drawn_on_the_cpu(tmp_path):
+    config = small_config(tmp_path)
+    learner = load_model(config, torch.device("cuda"))
+    model = wrap_with_lora(learner, config.lora, 0)
+    before = trainable_state(model)
+    stats = train_steps(model, learner, client_data(config, 0), 2, TrainSection(batch_size=8), 0, dp=DPSGD(1.0, 0.5, seed=3))
+    after = trainable_state(model)
+    assert stats.steps > 0 and all(t.device.type == "cpu" and torch.isfinite(t).all() for t in after.values())
+    assert any(not torch.equal(before[n], after[n]) for n in before)
