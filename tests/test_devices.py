@@ -32,7 +32,7 @@ def _one_round(config, client_device=None):
     """One round in process: a server on model.server_device and three clients on
     ``client_device``; returns the server, the clients' results and their learners."""
     server = get_method(config)
-    server.server_init(load_model(config, torch.device(config.model.server_device)))
+    server.server_init(load_model(config, resolve_device(config.model.server_device)))
     results, learners = [], []
     for c in range(3):
         learner = load_model(config, client_device)
