@@ -18,7 +18,7 @@ from conftest import SMALL
 from fedtune.cli import main
 from fedtune.compare.grid import Cell, load_comparison
 from fedtune.compare.report import write_report
-from fedtune.compare.runner import CellResult
+from fedtune.compare.runner import CellResult, run_order
 from fedtune.compare.table import pareto_front
 from fedtune.errors import FedtuneError
 from fedtune.report.rows import RoundRow, RunSummary, to_json
@@ -59,6 +59,15 @@ small = ["train.batch_size=4"]
     )
     assert [x.label for x in c.cells if x.values["method"] == "fedkseed"] == ["fedkseed no DP seed 0", "fedkseed no DP seed 1"]
     assert len({x.slug for x in c.cells}) == len(c.cells)
+
+
+def test_cells_run_seed_by_seed(tmp_path):
+    """Grid order is method-major; the run order takes whole seeds first."""
+    path = compare_file(tmp_path, '[grid]\nmethod = ["fedit", "fed_sb"]\nseed = [3, 1]\n')
+    cells = load_comparison(path).cells
+    assert [c.label for c in cells] == ["fedit seed 3", "fedit seed 1", "fed_sb seed 3", "fed_sb seed 1"]
+    assert [c.label for c in run_order(cells)] == ["fedit seed 3", "fed_sb seed 3", "fedit seed 1", "fed_sb seed 1"]
+    assert run_order(cells[:2]) == cells[:2]
 
 
 def test_codec_and_mix_axes_become_config_values(tmp_path):

@@ -53,9 +53,16 @@ def _follow(child: subprocess.Popen, directory: Path, shown: int, echo: Callable
         time.sleep(1.0)
 
 
+def run_order(cells: list[Cell]) -> list[Cell]:
+    """The cells seed by seed (stable within a seed), so the first cells finished
+    are whole seeds of every other combination."""
+    seeds = list(dict.fromkeys(cell.values.get("seed") for cell in cells))
+    return sorted(cells, key=lambda cell: seeds.index(cell.values.get("seed")))
+
+
 def run_cells(comparison: Comparison, echo=print) -> list[CellResult]:
     """Every cell finished, in grid order; ``comparison.parallel`` cells at a time,
-    splitting the machine's cores between them."""
+    splitting the machine's cores between them, in ``run_order``."""
     cores = os.cpu_count() or 1
     clients_each = max(1, cores // comparison.parallel)
     total = len(comparison.cells)
@@ -100,4 +107,5 @@ def run_cells(comparison: Comparison, echo=print) -> list[CellResult]:
         return CellResult(cell, run_dir)
 
     with ThreadPoolExecutor(max_workers=comparison.parallel) as pool:
-        return list(pool.map(one, enumerate(comparison.cells, start=1)))
+        finished = {result.cell.label: result for result in pool.map(one, enumerate(run_order(comparison.cells), start=1))}
+    return [finished[cell.label] for cell in comparison.cells]
