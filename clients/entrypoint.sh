@@ -9,6 +9,8 @@
 #   DEVICE         optional: this node's device profile (hardware catalogue name)
 #   TORCH_DEVICE   optional: where it trains (auto, cpu, cuda, cuda:N; default: the run's model.device)
 #   FLWR_HOME      optional: Flower's state for this node (default ~/.flwr)
+#   REPLICA_DIR    optional: where FLoRA and FedKSeed keep this node's copy of the
+#                  global model between rounds (default: the temporary directory)
 #   PORT           optional: the SuperNode's local Runtime API port (default 9094;
 #                  several nodes on one host need one each)
 #
@@ -22,5 +24,6 @@ exec fedtune deploy node \
     --partition-id "${PARTITION_ID:?set PARTITION_ID}" \
     ${DEVICE:+--device "$DEVICE"} \
     ${TORCH_DEVICE:+--torch-device "$TORCH_DEVICE"} \
+    ${REPLICA_DIR:+--replica-dir "$REPLICA_DIR"} \
     --flwr-home "${FLWR_HOME:-$HOME/.flwr}" \
     --port "${PORT:-9094}"

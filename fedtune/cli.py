@@ -146,6 +146,9 @@ def _deploy_parsers(sub: argparse._SubParsersAction) -> None:
     edge.add_argument("--device", default="", help="this node's device profile (hardware catalogue name)")
     edge.add_argument("--torch-device", default="", metavar="DEVICE",
                       help="where this node trains: auto, cpu, cuda or cuda:N (default: the run's model.device)")
+    edge.add_argument("--replica-dir", default="", metavar="DIR",
+                      help="where FLoRA and FedKSeed keep this node's copy of the global model between rounds "
+                           "(default: $FEDTUNE_REPLICA_DIR, else the temporary directory)")
     edge.add_argument("--port", type=int, default=9094, help="the SuperNode's local Runtime API port")
     edge.add_argument("--flwr-home", type=Path, default=Path("~/.flwr").expanduser())
     for command in (register, submit, edge):  # they talk to a running SuperLink

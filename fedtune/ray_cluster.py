@@ -20,6 +20,7 @@ import fedtune
 from fedtune.config import RAY_ADDRESS_RULE, RunConfig, valid_ray_address
 from fedtune.environment import DEFAULTS
 from fedtune.errors import FedtuneError
+from fedtune.methods.replicas import REPLICA_DIR
 from fedtune.privacy.secrets import CLIENT_SECRET
 
 CONNECT_TIMEOUT_S = 5.0
@@ -47,7 +48,7 @@ def runtime_env(code_dir: Path) -> dict:
     environment fedtune's client processes expect. A working directory, not
     py_modules: without one, Ray puts the driver's own working directory first on
     every worker's path, where another machine may hold an older fedtune."""
-    shared = [*DEFAULTS, CLIENT_SECRET]
+    shared = [*DEFAULTS, CLIENT_SECRET, REPLICA_DIR]
     return {"working_dir": str(code_dir), "env_vars": {key: os.environ[key] for key in shared if key in os.environ}}
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from fedtune.config import RunConfig
 from fedtune.environment import configure_process
 from fedtune.errors import FedtuneError
+from fedtune.methods.replicas import REPLICA_DIR
 from fedtune.privacy import secrets
 from fedtune.ray_cluster import on_cluster
 
@@ -67,7 +69,7 @@ def run_simulation(
     }
     outcome: dict = {}
     stop, stopped = threading.Event(), threading.Event()
-    with on_cluster(config, verbose), _interruptible(stop, stopped):
+    with _replica_dir(), on_cluster(config, verbose), _interruptible(stop, stopped):
         flower_run_simulation(
             server_app=_stoppable(make_server_app(config, run_dir, outcome, resume), stop, stopped),
             client_app=client_app or client.app,
@@ -80,6 +82,23 @@ def run_simulation(
     if "summary" not in outcome:
         raise RuntimeError("the simulation ended without a result; rerun with --verbose to see Flower's log")
     return outcome["summary"]
+
+
+@contextmanager
+def _replica_dir() -> Iterator[None]:
+    """The clients' replica store (`fedtune.methods.replicas`) in a directory that
+    goes when the run ends (under a user's own $FEDTUNE_REPLICA_DIR, if set); Ray's
+    workers, started inside, inherit where it is."""
+    before = os.environ.get(REPLICA_DIR)
+    with tempfile.TemporaryDirectory(prefix="fedtune-replicas-", dir=before) as directory:
+        os.environ[REPLICA_DIR] = directory
+        try:
+            yield
+        finally:
+            if before is None:
+                os.environ.pop(REPLICA_DIR)
+            else:
+                os.environ[REPLICA_DIR] = before
 
 
 def gpus_per_client(config: RunConfig, parallel: int) -> float:

@@ -110,6 +110,13 @@ def assert_fedit_payload_sizes(config: RunConfig, ledger: list[dict]) -> None:
         assert t["payload_bytes"] == expected_payload_size("fedit", t["round"], t["client"], adapter, n)
 
 
+def kept_copy(job) -> dict:
+    """The weights a replaying client (FLoRA, FedKSeed) kept after its round."""
+    from fedtune.methods.replay import DIGEST
+
+    return job.replicas.get(bytes(job.state[DIGEST].tolist()))
+
+
 def fedavg(method, updates) -> None:
     """The server half aggregates ``updates`` as plain FedAvg (no DP, no robust rule)."""
     method.server_aggregate(updates, by_examples(updates))

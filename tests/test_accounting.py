@@ -114,7 +114,7 @@ def test_fedkseed_released_scalars_do_not_tell_who_took_part(tmp_path):
             sums = torch.zeros(k).index_add_(0, torch.from_numpy(draws), torch.full((steps,), 0.01))
             updates.append(ClientUpdate(c, method.encode_scalars(sums), 40))
         method.server_aggregate(updates, policy.release(updates, rnd, policy.rate * clients))
-        released = method.decode_scalars(method.log.deltas[-1])
+        released = method.decode_scalars(method.log.deltas[method.log.latest])
         assert torch.count_nonzero(released) == k  # dense: the support is every seed
         for c in everyone:  # the observer's guess, from the draws it can compute: the public job seed
             public = np.random.default_rng(derive_seed(config.run.seed, rnd, c)).choice(k, size=steps)

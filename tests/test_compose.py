@@ -187,6 +187,8 @@ def test_every_fedtune_command_parses(compose, parse, tmp_path):
     for name, service in _supernodes(compose).items():
         node = _node_command(service, parse, tmp_path)
         assert (node.superlink, str(node.ca), str(node.flwr_home)) == ("superlink:9092", "/certs/ca.pem", "/data/flwr-home")
+        # Its replicas on its own volume, not in the container's temporary directory.
+        assert node.replica_dir == "/data/replicas" and "/data" in [t for _, t, _ in mounts(service)]
         assert (node.partition_id, node.device) == (int(service["environment"]["PARTITION_ID"]), service["environment"]["DEVICE"])
         assert node.torch_device == ""  # the run's model.device
         assert f"('127.0.0.1', {node.port})" in service["healthcheck"]["test"][-1]  # the health check probes its Runtime API

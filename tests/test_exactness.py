@@ -104,7 +104,7 @@ def test_flora_stacking_is_exact(tmp_path):
         for path, base in method.targets.items():
             torch.testing.assert_close(base.weight - before[path], _flora_intended(method, path, updates), rtol=1e-5, atol=1e-6)
         # The global rank is the sum of the participants' ranks.
-        factors = method.log.deltas[-1]
+        factors = method.log.deltas[method.log.latest]
         path = next(iter(method.targets))
         assert factors[f"{path}.A"].shape[0] == sum(method.rank(c) for c in participants)
         # The head is averaged by examples.

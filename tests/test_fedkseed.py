@@ -4,13 +4,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import fedavg, small_config, uplink_rejection
+from conftest import fedavg, kept_copy, small_config, uplink_rejection
 
 from fedtune import wire
 from fedtune import zeroth_order as zo
 from fedtune.errors import FedtuneError
 from fedtune.methods import ClientJob, ClientUpdate, get_method
 from fedtune.methods.fedkseed import per_seed_sums
+from fedtune.methods.replicas import ReplicaStore
 from fedtune.task import client_data, load_model, load_splits
 
 
@@ -84,25 +85,25 @@ def test_spsa_step_estimates_the_directional_derivative(tmp_path):
 def test_server_and_client_replicas_are_bit_identical(tmp_path, encoding):
     config = _config(tmp_path, encoding=encoding, pro=True)
     server = _server(config)
-    states = {c: {} for c in (0, 1, 2)}
-    schedule = [[0, 1, 2], [0, 2], [1, 2]]
+    states, store = {c: {} for c in (0, 1, 2)}, ReplicaStore()
+    schedule = [[0, 1, 2], [0, 2], [0, 1]]  # client-1 gets round 2 within the sums (tests/test_catchup.py)
     for rnd, clients in enumerate(schedule, start=1):
         updates = []
         for c in clients:
             pid = c
-            job = ClientJob(c, client_data(config, pid), seed=rnd * 10 + pid, state=states[c])
+            job = ClientJob(c, client_data(config, pid), seed=rnd * 10 + pid, state=states[c], replicas=store)
             result = server.client_train(load_model(config), server.server_downlink(c), job)
             assert uplink_rejection(server, result.tensors, client=c, rnd=rnd, num_examples=result.num_examples) is None
             updates.append(ClientUpdate(c, result.tensors, result.num_examples))
         fedavg(server, updates)
 
-    # client-0 sat out round 3: it catches up on rounds 3 (and nothing twice).
-    job = ClientJob(0, client_data(config, 0), seed=99, state=states[0])
+    # client-0 took part in round 3 with round 2 applied: it replays round 3 alone.
+    job = ClientJob(0, client_data(config, 0), seed=99, state=states[0], replicas=store)
     server.client_train(load_model(config), server.server_downlink(0), job)
-    global_params = dict(server.server_model().named_parameters())
-    diffs = [(job.state[t.name] - global_params[t.name]).abs().max().item() for t in server.tuned_params]
+    global_params, kept = dict(server.server_model().named_parameters()), kept_copy(job)
+    diffs = [(kept[t.name] - global_params[t.name]).abs().max().item() for t in server.tuned_params]
     assert max(diffs) == 0
-    assert any(not torch.equal(job.state[t.name], p) for t, p in zip(server.tuned_params, _fresh_params(config)))
+    assert any(not torch.equal(kept[t.name], p) for t, p in zip(server.tuned_params, _fresh_params(config)))
     assert int(job.state["synced_round"]) == 3
 
 

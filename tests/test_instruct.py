@@ -14,6 +14,7 @@ from fedtune.config import InstructSection
 from fedtune.errors import FedtuneError
 from fedtune.methods import METHODS, ClientJob, ClientUpdate, get_method
 from fedtune.methods.adapters import trainable_state, wrap_with_lora
+from fedtune.methods.replicas import ReplicaStore
 from fedtune.privacy.dp_sgd import DPSGD, make_private
 from fedtune.report.run_dir import create_run_dir
 from fedtune.simulation import run_simulation
@@ -115,11 +116,11 @@ def test_every_method_trains_on_the_instruction_task(tmp_path, tiny_lm, name):
     test = load_splits(config)[1]
     before = learner.evaluate(server.server_model(), test, 8)
     weights = [p.detach().clone() for p in server.server_model().parameters()]
-    states = {c: {} for c in range(3)}
+    states, store = {c: {} for c in range(3)}, ReplicaStore()
     for rnd in (1, 2):
         updates = []
         for c in range(3):
-            job = ClientJob(c, client_data(config, c), seed=rnd * 10 + c, state=states[c])
+            job = ClientJob(c, client_data(config, c), seed=rnd * 10 + c, state=states[c], replicas=store)
             result = server.client_train(load_model(config), server.server_downlink(c), job)
             assert uplink_rejection(server, result.tensors, client=c, rnd=rnd, partition=len(job.data)) is None
             updates.append(ClientUpdate(c, result.tensors, result.num_examples))

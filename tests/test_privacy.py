@@ -137,7 +137,7 @@ def test_fedkseed_noises_every_seed(tmp_path):
     updates = [ClientUpdate(k, method.encode_scalars(used), 1) for k in range(2)]
     method.apply = lambda tuned, scalars: []  # skip the replay: the released scalars are the point
     method.server_aggregate(updates, by_examples(updates, Noise(2.0, torch.Generator().manual_seed(4))))
-    released = method.decode_scalars(method.log.deltas[-1])
+    released = method.decode_scalars(method.log.deltas[method.log.latest])
     assert torch.count_nonzero(released) == 4000
     assert released[:2000].std().item() == pytest.approx(2.0 / 2, rel=0.05)
     assert released[2000:].std().item() == pytest.approx(2.0 / 2, rel=0.05)

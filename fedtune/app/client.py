@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,6 +25,7 @@ from fedtune.errors import FedtuneError
 from fedtune.hardware.profiles import device_names
 from fedtune.methods.base import ClientJob
 from fedtune.methods.registry import get_method
+from fedtune.methods.replicas import ReplicaStore, run_directory
 from fedtune.privacy.factory import client_privacy
 from fedtune.task import client_data, config_from_json, load_model
 from fedtune.wire import TensorDict
@@ -56,7 +58,7 @@ def train(msg: Message, context: Context) -> Message:
     request = read_train(msg)
     down = wire.decode(request.payload)
     method, data = get_method(config), client_data(config, pid)
-    job = ClientJob(pid, data, request.seed, _load(context, STATE), None, request.local_steps)
+    job = ClientJob(pid, data, request.seed, _load(context, STATE), None, request.local_steps, _replicas(context))
     privacy, memory = client_privacy(config, method, pid, len(data), down.round), _load(context, PRIVACY)
     job = privacy.prepare(job, memory)
     started = time.perf_counter()
@@ -80,6 +82,14 @@ def _load(context: Context, key: str) -> TensorDict:
 def _save(context: Context, key: str, tensors: TensorDict) -> None:
     if tensors:
         context.state[key] = ArrayRecord(torch_state_dict=tensors)
+
+
+def _replicas(context: Context) -> ReplicaStore:
+    """This run's replica store on this node: under its node config's
+    ``replica-dir``, else under $FEDTUNE_REPLICA_DIR or the temporary directory
+    (which a simulation's clients on one host share)."""
+    own = str(context.node_config.get("replica-dir", ""))
+    return ReplicaStore(run_directory(context.run_id, Path(own) if own else None))
 
 
 def _partition_id(context: Context, config: RunConfig) -> int:

@@ -64,6 +64,8 @@ class Exchange:
             if rejection:
                 log.warning("round %d: %s dropped: %s", rnd, client_name(client), rejection.reason)
                 rejections.append(rejection)
+                if rejection.stage == "failed":
+                    self.method.client_failed(client)
                 continue
             reports[client] = ClientReport(down_bytes[client], content_bytes(replies[self.nodes[client]].content), metrics)
             updates.append(update)

@@ -64,7 +64,7 @@ def deploy_superlink(args: argparse.Namespace) -> int:
 
 
 def deploy_node(args: argparse.Namespace) -> int:
-    return services.run_node(args.superlink, args.ca, args.key, node_config(args.partition_id, args.device, args.torch_device),
+    return services.run_node(args.superlink, args.ca, args.key, node_config(args.partition_id, args.device, args.torch_device, args.replica_dir),
                              args.port, args.flwr_home)
 
 
@@ -79,7 +79,8 @@ def run_job(args: argparse.Namespace, prepare: Callable[[], tuple[RunConfig, Pat
     config, run_dir = prepare()
     clients = config.partition.num_clients
     devices = device_names(config.hardware, clients, config.run.seed) if config.hardware.modelled else [""] * clients
-    node_configs = [node_config(i, device) for i, device in enumerate(devices)]
+    replicas = str((args.state / "replicas").resolve())  # the local nodes share one store, as a simulation's clients do
+    node_configs = [node_config(i, device, replica_dir=replicas) for i, device in enumerate(devices)]
     federation = LocalFederation(args.state, node_configs, warm=not args.per_message_clientapp,
                                  threads=config.simulation.cpus_per_client)
     with federation:

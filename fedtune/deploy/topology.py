@@ -71,10 +71,11 @@ def supernode_command(superlink: str, ca: Path, key: Path, node_config: dict[str
     ]
 
 
-def node_config(partition_id: int, device: str = "", torch_device: str = "") -> dict[str, int | str]:
+def node_config(partition_id: int, device: str = "", torch_device: str = "", replica_dir: str = "") -> dict[str, int | str]:
     """A SuperNode's node config: its data partition and, if it declares them, its
-    device profile (hardware model) and the torch device it trains on."""
-    declared = {"device": device, "torch-device": torch_device}
+    device profile (hardware model), the torch device it trains on and where it
+    keeps its replicas (`fedtune.methods.replicas`)."""
+    declared = {"device": device, "torch-device": torch_device, "replica-dir": replica_dir}
     return {"partition-id": partition_id, **{k: v for k, v in declared.items() if v}}
 
 

@@ -25,6 +25,7 @@ from fedtune.config import RunConfig
 from fedtune.data import TextDataset
 from fedtune.errors import FedtuneError
 from fedtune.methods.adapters import adapter_footprint, check_ranks, temporarily_wrapped
+from fedtune.methods.replicas import ReplicaStore
 from fedtune.tasks import Learner
 from fedtune.privacy.dp_sgd import DPSGD
 from fedtune.privacy.mechanism import clip_update
@@ -58,6 +59,8 @@ class ClientJob:
     state: TensorDict = field(default_factory=dict)
     dp_sgd: DPSGD | None = None  # sample-level DP: train with DP-SGD
     local_steps: int = 0  # > 0: fewer steps than train.local_steps (a partial straggler's share)
+    # Where the client keeps copies too large for its node state (replayed weights).
+    replicas: ReplicaStore = field(default_factory=ReplicaStore)
 
 
 @dataclass(frozen=True)
@@ -196,6 +199,10 @@ class Method(ABC):
     def server_aggregate(self, updates: list[ClientUpdate], release: Release) -> None:
         """Fold one round's updates (sorted by client) into the global state, with
         the weights and noise of ``release``."""
+
+    def client_failed(self, client: int) -> None:
+        """``client`` sent no update (it failed or vanished): it may have lost what
+        it kept between rounds."""
 
     def uplink_template(self, client: int) -> TensorDict:
         """Tensors with the names, shapes and dtypes ``client`` must send (values

@@ -9,6 +9,14 @@ the FedAvg of the clients' local models, since every update is linear in z. Each
 round's averaged per-seed scalars are a delta every client replays
 (`fedtune.methods.replay`): one regeneration per seed that round, not per step.
 
+A client further behind than the server's history (one snapshot's bytes) gets the
+snapshot the paper's linearity allows: the K per-seed sums C of every round so far,
+which it applies at once to the base weights, w0 - lr sum_j C_j z_j: K floats, and
+at most K regenerations, however many rounds it missed. Summed before they are
+applied, the scalars round differently than when applied round by round, so such a
+copy equals the server's within float32 rounding (tests/test_catchup.py bounds it),
+not to the bit; from there it follows the rounds exactly again.
+
 Encodings (`fedkseed.encoding`), both lossless, so they give the same model:
 - "paper": up, one (int32 index, float32 scalar) pair per step; down, the dense
   float32 K-vector of per-seed scalars of each round the client has not applied.
@@ -42,7 +50,7 @@ from fedtune.methods.base import (
     TensorSpec,
     UplinkSpec,
 )
-from fedtune.methods.replay import RoundLog, catch_up
+from fedtune.methods.replay import RoundLog, catch_up, nbytes
 from fedtune.tasks import Learner
 from fedtune.rounds.release import Release
 from fedtune.task import derive_seed
@@ -95,14 +103,18 @@ class FedKSeed(Method):
     def server_init(self, learner: Learner) -> None:
         self.learner = learner
         self.tuned_params = self.tuned(learner)
-        self.log = RoundLog()
+        self.total = torch.zeros(self.k, dtype=torch.float64)  # every round's scalars, per seed
+        self.log = RoundLog(nbytes(self.encode_scalars(torch.ones(self.k))))  # at most a snapshot's bytes of rounds
         # FedKSeed-Pro's history: sum and count of clipped |g| per seed, starting
         # from one zero each (the reference's initial value).
         self.amplitude_sum = torch.zeros(self.k, dtype=torch.float64)
         self.amplitude_count = torch.ones(self.k, dtype=torch.float64)
 
+    def snapshot(self) -> TensorDict:
+        return self.encode_scalars(self.total.float())
+
     def server_downlink(self, client: int) -> TensorDict:
-        down = self.log.missed(client)
+        down = self.log.downlink(client, self.snapshot)
         if self.config.fedkseed.pro:
             mean = self.amplitude_sum / self.amplitude_count
             spread = mean.max() - mean.min()
@@ -141,15 +153,23 @@ class FedKSeed(Method):
         # what is released does not depend on which seeds the clients drew.
         delta = release.combine(sums, (self.k,))
         self.apply(self.tuned_params, delta)
+        self.total += delta.double()
         self.log.append(self.encode_scalars(delta), (u.client for u in updates))
 
+    def client_failed(self, client: int) -> None:
+        self.log.forget(client)
+
     def server_state(self) -> dict[str, object]:
-        return {"deltas": self.log.deltas, "amplitude_sum": self.amplitude_sum, "amplitude_count": self.amplitude_count}
+        weights = {t.name: t.param.detach().clone() for t in self.tuned_params}
+        return {"weights": weights, "total": self.total, "log": self.log.state(),
+                "amplitude_sum": self.amplitude_sum, "amplitude_count": self.amplitude_count}
 
     def load_server_state(self, state: dict[str, object]) -> None:
-        for delta in state["deltas"]:  # the replays, in order: the same weights to the bit
-            self.apply(self.tuned_params, self.decode_scalars(delta))
-            self.log.append(delta, ())  # no client is known to be in sync: each gets every round
+        with torch.no_grad():
+            for t in self.tuned_params:
+                t.param.copy_(state["weights"][t.name])
+        self.total = state["total"]
+        self.log.load(state["log"])
         self.amplitude_sum, self.amplitude_count = state["amplitude_sum"], state["amplitude_count"]
 
     def server_model(self) -> nn.Module:
@@ -227,7 +247,11 @@ class FedKSeed(Method):
     # -- client ----------------------------------------------------------------
     def client_train(self, learner: Learner, downlink: TensorDict, job: ClientJob) -> LocalResult:
         tuned = self.tuned(learner)
-        catch_up(learner.model, downlink, job.state, lambda delta: self.apply(tuned, self.decode_scalars(delta)))
+
+        def replay(scalars: TensorDict) -> list[str]:  # one round's scalars, or a snapshot's sums C on the base
+            return self.apply(tuned, self.decode_scalars(scalars))
+
+        catch_up(learner.model, downlink, job.state, job.replicas, str(job.client), replay, replay)
         probs = None
         if PROBS in downlink:
             probs = torch.softmax(downlink[PROBS].double() / 255, 0).numpy()

@@ -8,8 +8,11 @@ Each round the stacked product is merged into the base weights and clients start
 fresh adapters on the merged model; the head, trained in full, is averaged.
 
 A client rebuilds the merged model from the stacked factors of every round it has
-not applied yet and keeps the merged weights as its client state. The downlink so
-grows with the participants' total rank, and with the rounds a client sat out.
+not applied yet (`fedtune.methods.replay`) and keeps the merged weights in its
+replica store. The downlink so grows with the participants' total rank and with
+the rounds a client sat out, up to the size of the merged weights themselves: a
+client further behind receives those (the snapshot), and the server keeps no
+older rounds.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ from fedtune.methods.adapters import (
 )
 from fedtune.methods.base import ClientJob, ClientUpdate, LocalResult, Method
 from fedtune.methods.lora import train_adapter
-from fedtune.methods.replay import RoundLog, catch_up
+from fedtune.methods.replay import RoundLog, catch_up, nbytes
+from fedtune.task import load_model
 from fedtune.tasks import Learner
 from fedtune.rounds.release import Release
 from fedtune.wire import TensorDict
@@ -62,11 +66,15 @@ class FLoRA(Method):
             self.head_names = [n for n in trainable_state(peft) if "lora_" not in n]
         self.model = learner.model
         self.params = dict(self.model.named_parameters())
-        self.log = RoundLog()  # each round's stacked factors
+        self.log = RoundLog(nbytes(self.snapshot()))  # the latest rounds' stacked factors
+
+    def snapshot(self) -> TensorDict:
+        """The merged weights of the adapted layers: all a client needs besides the head."""
+        return {f"{path}.weight": self.params[f"{path}.weight"].detach() for path in self.targets}
 
     def server_downlink(self, client: int) -> TensorDict:
         head = {HEAD + _plain(n): self.params[_plain(n)].detach() for n in self.head_names}
-        return self.log.missed(client) | head
+        return self.log.downlink(client, self.snapshot) | head
 
     def uplink_template(self, client: int) -> TensorDict:
         r = self.rank(client)
@@ -92,34 +100,47 @@ class FLoRA(Method):
                 self.params[_plain(name)].copy_(release.average(updates, name, self.params[_plain(name)].detach()))
         self.log.append(factors, (u.client for u in updates))
 
+    def client_failed(self, client: int) -> None:
+        self.log.forget(client)
+
     def server_state(self) -> dict[str, object]:
-        return {"deltas": self.log.deltas, "head": {n: self.params[_plain(n)].detach().clone() for n in self.head_names}}
+        weights = {n: t.clone() for n, t in self.snapshot().items()}
+        head = {n: self.params[_plain(n)].detach().clone() for n in self.head_names}
+        return {"weights": weights, "head": head, "log": self.log.state()}
 
     def load_server_state(self, state: dict[str, object]) -> None:
-        for factors in state["deltas"]:  # the merges, in order: the same weights to the bit
-            _merge(self.params, factors)
-            self.log.append(factors, ())  # no client is known to be in sync: each gets every round
         with torch.no_grad():
+            for name, value in state["weights"].items():
+                self.params[name].copy_(value)
             for name, value in state["head"].items():
                 self.params[_plain(name)].copy_(value)
+        self.log.load(state["log"])
 
     def server_model(self) -> nn.Module:
         return self.model
 
     def export(self, directory: Path) -> None:
-        """All rounds' stacked factors side by side are one standard LoRA adapter
-        (scaling 1) whose product is the total merged change."""
+        """One standard LoRA adapter (scaling 1) whose product is the total merged
+        change: all rounds' stacked factors side by side while the server holds
+        them, else the change itself as B = [W - W0, 0], A = [I; 0]."""
         tensors = {n: self.params[_plain(n)].detach() for n in self.head_names}
-        for path in self.targets:
-            tensors[f"{PREFIX}{path}.lora_A.default.weight"] = torch.cat([d[f"{path}.A"] for d in self.log.deltas])
-            tensors[f"{PREFIX}{path}.lora_B.default.weight"] = torch.cat([d[f"{path}.B"] for d in self.log.deltas], 1)
-        rank = sum(d[f"{path}.A"].shape[0] for d in self.log.deltas)
+        rounds = [self.log.deltas.get(t) for t in range(1, self.log.latest + 1)]
+        if all(d is not None for d in rounds):
+            factors = {p: (torch.cat([d[f"{p}.A"] for d in rounds]), torch.cat([d[f"{p}.B"] for d in rounds], 1)) for p in self.targets}
+        else:
+            base = dict(load_model(self.config).model.named_parameters())
+            width = max(layer.in_features for layer in self.targets.values())
+            factors = {p: _as_factors(self.params[f"{p}.weight"].detach() - base[f"{p}.weight"].detach(), width) for p in self.targets}
+        for path, (a, b) in factors.items():
+            tensors[f"{PREFIX}{path}.lora_A.default.weight"], tensors[f"{PREFIX}{path}.lora_B.default.weight"] = a, b
+        rank = next(iter(factors.values()))[0].shape[0]
         export_as_lora(self.config, rank, float(rank), tensors, directory)
 
     # -- client ----------------------------------------------------------------
     def client_train(self, learner: Learner, downlink: TensorDict, job: ClientJob) -> LocalResult:
         params = dict(learner.model.named_parameters())
-        catch_up(learner.model, downlink, job.state, lambda factors: _merge(params, factors))
+        catch_up(learner.model, downlink, job.state, job.replicas, str(job.client),
+                 lambda factors: _merge(params, factors), lambda weights: _copy(params, weights))
         with torch.no_grad():
             for name, tensor in downlink.items():
                 if name.startswith(HEAD):
@@ -138,6 +159,21 @@ def _merge(params: dict[str, nn.Parameter], factors: TensorDict) -> list[str]:
         for path in paths:
             params[f"{path}.weight"] += factors[f"{path}.B"] @ factors[f"{path}.A"]
     return [f"{path}.weight" for path in paths]
+
+
+def _copy(params: dict[str, nn.Parameter], weights: TensorDict) -> list[str]:
+    """A snapshot's merged weights, as they are."""
+    for name, value in weights.items():
+        params[name].copy_(value)
+    return list(weights)
+
+
+def _as_factors(change: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A = [I; 0] (rank x in), B = [change, 0] (out x rank): B A = change, exactly."""
+    out_features, in_features = change.shape
+    a = torch.eye(rank, in_features)
+    b = torch.cat([change, torch.zeros(out_features, rank - in_features)], dim=1)
+    return a, b
 
 
 def _plain(peft_name: str) -> str:
