@@ -6,6 +6,7 @@ from conftest import fedavg, small_config
 
 from fedtune.errors import FedtuneError
 from fedtune.methods import ClientJob, ClientUpdate, get_method
+from fedtune.methods.replicas import ReplicaStore
 from fedtune.task import client_data, load_model, load_splits, server_data
 
 RANK = 4
@@ -40,12 +41,14 @@ def test_model_starts_as_the_base_model(fed_sb):
         torch.testing.assert_close(fed_sb.server_model()(**batch).logits, classifier.model(**batch).logits)
 
 
-def test_bases_travel_once_and_clients_train_only_r(fed_sb):
+def test_bases_travel_once_and_clients_train_only_r(fed_sb, tmp_path):
+    store = ReplicaStore(tmp_path / "replicas")
     first = fed_sb.server_downlink(0)
     assert {n.removeprefix("basis/") for n in first if n.startswith("basis/")} == fed_sb.bases.keys()
-    job = ClientJob(0, client_data(fed_sb.config, 0), seed=3)
+    job = ClientJob(0, client_data(fed_sb.config, 0), seed=3, replicas=store)
     result = fed_sb.client_train(load_model(fed_sb.config), first, job)
-    assert job.state.keys() == fed_sb.bases.keys()
+    # The node state keeps a digest; the bases themselves are in the replica store.
+    assert job.state.keys() == {"bases_digest"} and job.state["bases_digest"].numel() == 32
     r_names = [n for n in result.tensors if "lora" in n]
     assert r_names and all(result.tensors[n].shape == (RANK, RANK) for n in r_names)
     assert any(not torch.equal(result.tensors[n], first[n]) for n in r_names)
@@ -54,12 +57,32 @@ def test_bases_travel_once_and_clients_train_only_r(fed_sb):
     later = fed_sb.server_downlink(0)
     assert not any(n.startswith("basis/") for n in later)
     assert any(n.startswith("basis/") for n in fed_sb.server_downlink(1))  # not confirmed yet
-    # Next round starts from the global R, with the bases the client kept.
-    fed_sb.client_train(load_model(fed_sb.config), later, job)
+    # Next round starts from the global R, with the bases the client kept: the same
+    # R trained from the same seed as a client sent the bases again.
+    kept = fed_sb.client_train(load_model(fed_sb.config), later, job)
+    resent = fed_sb.client_train(load_model(fed_sb.config), later | fed_sb.server_downlink(1),
+                                 ClientJob(0, client_data(fed_sb.config, 0), seed=3))
+    assert all(torch.equal(kept.tensors[n], resent.tensors[n]) for n in r_names)
 
-    stranger = ClientJob(1, client_data(fed_sb.config, 1), seed=3)
-    with pytest.raises(FedtuneError, match="client-1 holds no Fed-SB bases and the server sent none"):
+    # Clients of one host share one copy of the bases.
+    other = ClientJob(1, client_data(fed_sb.config, 1), seed=4, replicas=store)
+    fed_sb.client_train(load_model(fed_sb.config), fed_sb.server_downlink(1), other)
+    assert store.blobs() == 1
+
+    stranger = ClientJob(2, client_data(fed_sb.config, 2), seed=3, replicas=store)
+    with pytest.raises(FedtuneError, match="client-2 holds no Fed-SB bases .* the server sends them next time"):
         fed_sb.client_train(load_model(fed_sb.config), later, stranger)
+
+
+def test_a_client_that_lost_its_bases_is_sent_them_again(fed_sb, tmp_path):
+    job = ClientJob(0, client_data(fed_sb.config, 0), seed=3, replicas=ReplicaStore(tmp_path / "a"))
+    result = fed_sb.client_train(load_model(fed_sb.config), fed_sb.server_downlink(0), job)
+    fedavg(fed_sb, [ClientUpdate(0, result.tensors, result.num_examples)])
+    cleared = ClientJob(0, job.data, seed=4, state=job.state, replicas=ReplicaStore(tmp_path / "b"))
+    with pytest.raises(FedtuneError, match="client-0 holds no Fed-SB bases \\(its replica store was cleared"):
+        fed_sb.client_train(load_model(fed_sb.config), fed_sb.server_downlink(0), cleared)
+    fed_sb.client_failed(0)  # what the server does with a failed reply
+    fed_sb.client_train(load_model(fed_sb.config), fed_sb.server_downlink(0), cleared)
 
 
 def test_config_errors(tmp_path):

@@ -1,11 +1,14 @@
 """The ClientApp: answer enrollment with this client's data summary, and train
 rounds with the configured method. What it keeps between messages (the run
-config, the method's client state, error-feedback residuals, its own privacy
-accountant) lives in the node's Flower context."""
+config, the method's client state, its own privacy accountant) lives in the node's
+Flower context; what is as large as the model (replayed weights, Fed-SB's bases,
+error-feedback residuals) lives in the node's replica store, with only its digest
+in the context."""
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from pathlib import Path
 
@@ -25,14 +28,15 @@ from fedtune.errors import FedtuneError
 from fedtune.hardware.profiles import device_names
 from fedtune.methods.base import ClientJob
 from fedtune.methods.registry import get_method
-from fedtune.methods.replicas import ReplicaStore, run_directory
+from fedtune.methods.replicas import ReplicaStore, digest_tensor, run_directory, tensor_digest
 from fedtune.privacy.factory import client_privacy
 from fedtune.task import client_data, config_from_json, load_model
 from fedtune.wire import TensorDict
 
 app = ClientApp()
+log = logging.getLogger("fedtune")
 STATE = "fedtune.state"  # the method's client state
-RESIDUAL = "fedtune.residual"  # error feedback of a biased uplink codec
+RESIDUAL = "fedtune.residual"  # the digest of the error feedback of a biased uplink codec
 PRIVACY = "fedtune.privacy"  # the client's own privacy state (its DP-SGD accountant)
 
 
@@ -58,7 +62,8 @@ def train(msg: Message, context: Context) -> Message:
     request = read_train(msg)
     down = wire.decode(request.payload)
     method, data = get_method(config), client_data(config, pid)
-    job = ClientJob(pid, data, request.seed, _load(context, STATE), None, request.local_steps, _replicas(context))
+    replicas = _replicas(context)
+    job = ClientJob(pid, data, request.seed, _load(context, STATE), None, request.local_steps, replicas)
     privacy, memory = client_privacy(config, method, pid, len(data), down.round), _load(context, PRIVACY)
     job = privacy.prepare(job, memory)
     started = time.perf_counter()
@@ -68,11 +73,24 @@ def train(msg: Message, context: Context) -> Message:
     _save(context, STATE, job.state)
     _save(context, PRIVACY, memory)
     codecs = Codecs.of(config)
-    residual = _load(context, RESIDUAL) if codecs.up.biased else None
+    residual = _residual(context, replicas, pid) if codecs.up.biased else None
     up = wire.Payload(down.method, down.round, client_name(pid), result.tensors, result.num_examples)
     payload = codecs.uplink(up, down.tensors, job.seed, residual)
-    _save(context, RESIDUAL, residual or {})
+    if residual:
+        _save(context, RESIDUAL, {"digest": digest_tensor(replicas.put(f"{pid}-residual", residual))})
     return train_reply(msg, payload, result.metrics)
+
+
+def _residual(context: Context, replicas: ReplicaStore, pid: int) -> TensorDict:
+    """The error feedback this client kept, or none on its first round; a lost one
+    (a cleared replica store) restarts from zero, as error feedback may."""
+    if RESIDUAL not in context.state:
+        return {}
+    kept = replicas.get(tensor_digest(_load(context, RESIDUAL)["digest"]))
+    if kept is None:
+        log.warning("%s: its error-feedback residual is not in its replica store; starting again from zero",
+                    client_name(pid))
+    return kept or {}
 
 
 def _load(context: Context, key: str) -> TensorDict:

@@ -9,8 +9,10 @@ client's data and the test set: the bases depend on no client's data, so they re
 nothing about it and cost no privacy budget under DP. R starts at zero (the model
 starts as the base model) and each round every client starts from the global R.
 
-A client receives the bases once, on its first round, and keeps them as its client
-state; after that its downlink is only R and the head.
+A client receives the bases once, on its first round, and keeps them in its
+replica store (the clients of one host share one file: the bases are the same for
+all), with only their digest in its node state; after that its downlink is only R
+and the head. A client that lost them fails one round and is sent them again.
 """
 
 from __future__ import annotations
@@ -38,12 +40,14 @@ from fedtune.methods.adapters import (
 )
 from fedtune.methods.base import ClientJob, ClientUpdate, LocalResult
 from fedtune.methods.lora import AveragedAdapter, train_adapter
+from fedtune.methods.replicas import digest_tensor, tensor_digest
 from fedtune.tasks import Learner
 from fedtune.rounds.release import Release
 from fedtune.task import server_data
 from fedtune.wire import TensorDict
 
 BASIS = "basis/"
+BASES = "bases_digest"  # client state: the digest of its bases in its replica store
 
 
 class FedSB(AveragedAdapter):
@@ -92,6 +96,9 @@ class FedSB(AveragedAdapter):
         super().server_aggregate(updates, release)
         self.has_bases.update(u.client for u in updates)
 
+    def client_failed(self, client: int) -> None:
+        self.has_bases.discard(client)
+
     def export(self, directory: Path) -> None:
         """As a standard LoRA adapter: lora_A = A, lora_B = B R, same scaling."""
         tensors = {n: t for n, t in self.global_tensors.items() if "lora_B" not in n}
@@ -103,14 +110,23 @@ class FedSB(AveragedAdapter):
 
     # -- client ----------------------------------------------------------------
     def client_train(self, learner: Learner, downlink: TensorDict, job: ClientJob) -> LocalResult:
-        if any(n.startswith(BASIS) for n in downlink):
-            job.state.clear()
-            job.state.update({n.removeprefix(BASIS): t for n, t in downlink.items() if n.startswith(BASIS)})
-        if not job.state:
-            raise FedtuneError(f"{client_name(job.client)} holds no Fed-SB bases and the server sent none")
-        model = self.wrap(learner, job.state, job.seed)
+        model = self.wrap(learner, _client_bases(downlink, job), job.seed)
         load_trainable_state(model, {n: t for n, t in downlink.items() if not n.startswith(BASIS)})
         return train_adapter(model, learner, job, self.config.train)
+
+
+def _client_bases(downlink: TensorDict, job: ClientJob) -> TensorDict:
+    """The bases the server sent, kept for later rounds, or the ones kept before."""
+    sent = {n.removeprefix(BASIS): t for n, t in downlink.items() if n.startswith(BASIS)}
+    if sent:
+        job.state.clear()
+        job.state[BASES] = digest_tensor(job.replicas.put(f"{job.client}-bases", sent))
+        return sent
+    bases = job.replicas.get(tensor_digest(job.state[BASES])) if BASES in job.state else None
+    if bases is None:
+        raise FedtuneError(f"{client_name(job.client)} holds no Fed-SB bases (its replica store was cleared, or it "
+                           "never received them) and the server sent none; the server sends them next time")
+    return bases
 
 
 def _bases_from_first_update(learner: Learner, data: Examples, config: RunConfig) -> TensorDict:

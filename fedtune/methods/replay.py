@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from fedtune.errors import FedtuneError
-from fedtune.methods.replicas import ReplicaStore, digest_tensor
+from fedtune.methods.replicas import ReplicaStore, digest_tensor, tensor_digest
 from fedtune.wire import TensorDict
 
 CATCHUP = "catchup"
@@ -132,7 +132,7 @@ def _restore_copy(params: dict[str, nn.Parameter], state: TensorDict, replicas: 
             raise FedtuneError(f"this client has no copy of round {base} to apply the server's rounds to "
                                f"(its node state is at round {synced}); the server sends a snapshot next time")
         return 0, []
-    copy = replicas.get(bytes(state[DIGEST].tolist()))
+    copy = replicas.get(tensor_digest(state[DIGEST]))
     if copy is None:
         if base > 0:
             raise FedtuneError(f"this client's copy of round {synced} is not in its replica store (cleared, or kept on "

@@ -112,3 +112,8 @@ def digest_tensor(digest: bytes) -> torch.Tensor:
     """A digest as the uint8 tensor the node context keeps."""
     return torch.frombuffer(bytearray(digest), dtype=torch.uint8)
 
+
+def tensor_digest(tensor: torch.Tensor) -> bytes:
+    """The digest a node context's uint8 tensor stands for."""
+    return bytes(tensor.tolist())
+
