@@ -4,6 +4,7 @@ runs with a known Pareto front, and a real grid interrupted and resumed."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import signal
@@ -158,15 +159,29 @@ def test_report_from_synthetic_runs_has_the_known_front(tmp_path):
     # B leads D by 0.000 in the mean: not a win; it beats A and C by more than the spreads.
     assert "Highest mean final accuracy: B" in table and "not beaten by it: D." in table and "| final loss |" in table
     assert "Failed: E seed 0: ValueError: boom" in table
+    # Every pair, the higher-scoring first: B's 0.000 lead over D is inside 2 SE
+    # (2 * hypot(0.010, 0)), its leads over C and A are not; equal losses differ by 0.
+    pairs = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if " − " in line}
+    assert list(pairs) == ["B − D", "B − C", "B − A", "D − C", "D − A", "C − A"]
+    assert "| +0.000 (0.020) | +0.000 (0.000) |" in pairs["B − D"]
+    assert "| **+0.050 (0.020)** |" in pairs["B − C"] and "| **+0.140 (0.028)** |" in pairs["B − A"]
     with (comparison.output_dir / "table.csv").open() as f:
         csv_rows = list(csv.DictReader(f))
     assert len(csv_rows) == 8 and {r["seed"] for r in csv_rows} == {"0", "1"}
     assert float(next(r for r in csv_rows if r["cell"] == "C")["total_bytes_up"]) == 1_000_000
     page = report.read_text()
     assert page.count("data:image/png;base64,") == 3 and "[grid]" in page
-    assert page.count("<tr>") == 5 and "<td>B (2 seeds)</td><td>0.850 ± 0.014 (0.010)</td>" in page
+    assert page.count("<tr>") == 5 + 7 and "<td><b>+0.140 (0.028)</b></td>" in page and "<td>B (2 seeds)</td><td>0.850 ± 0.014 (0.010)</td>" in page
     for name in ("pareto.png", "score_vs_bytes.png", "score_vs_time.png"):
         assert (comparison.output_dir / name).read_bytes()[:4] == b"\x89PNG"
+
+    # A target set in the compare file after the runs finished applies to them:
+    # at 0.6 every cell reaches it in round 1, after one round's bytes.
+    comparison = dataclasses.replace(comparison, target_accuracy=0.6)
+    write_report(comparison, results)
+    table = (comparison.output_dir / "table.md").read_text()
+    rows = {line.split(" | ")[0].strip("| ").split(" (")[0]: line for line in table.splitlines() if line.startswith("| ") and "seeds" in line}
+    assert "| 1.0 | 1.00 KB | - |" in rows["A"] and "| 1.0 | 100.00 KB | - |" in rows["B"]
 
 
 def test_pareto_front():

@@ -5,7 +5,9 @@ holds them all (images inline) with the config that produced them."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
+import re
 from pathlib import Path
 
 from fedtune.compare.grid import Comparison
@@ -14,6 +16,7 @@ from fedtune.compare.table import Group, markdown, pareto_front, write_csv
 from fedtune.report.plots import pyplot, save_figure
 from fedtune.report.rows import read_rows, read_summary
 from fedtune.report.run_dir import write_atomic
+from fedtune.report.summary import target_figures
 
 PLOTS = {
     "pareto.png": "Final score against total bytes (down + up)",
@@ -23,24 +26,27 @@ PLOTS = {
 MIN_SPAN = 0.1  # the score axis spans at least this much: a gap inside the error bars must not fill the plot
 
 
-def collect(results: list[CellResult]) -> list[Group]:
-    """Finished runs, grouped over seeds, in grid order."""
+def collect(results: list[CellResult], target: float) -> list[Group]:
+    """Finished runs, grouped over seeds, in grid order; their to-target figures
+    from their rows at the comparison's ``target``, so a target set after the runs
+    finished applies to them too."""
     groups: dict[str, Group] = {}
     for result in results:
         if result.run_dir is None:
             continue
         cell = result.cell
         group = groups.setdefault(cell.group, Group(cell.group, {a: v for a, v in cell.values.items() if a != "seed"}))
-        group.runs.append(read_summary(result.run_dir))
+        rows = read_rows(result.run_dir)
+        group.runs.append(dataclasses.replace(read_summary(result.run_dir), **target_figures(target, rows)))
         group.seeds.append(cell.values.get("seed", ""))
-        group.curves.append(read_rows(result.run_dir))
+        group.curves.append(rows)
     return list(groups.values())
 
 
 def write_report(comparison: Comparison, results: list[CellResult]) -> Path:
     """Write every output; returns the HTML report's path."""
     out = comparison.output_dir
-    groups = collect(results)
+    groups = collect(results, comparison.target_accuracy)
     failed = {r.cell.label: r.error for r in results if r.run_dir is None}
     if not groups:
         raise RuntimeError("no cell of the comparison finished; see the run.log files under " + str(out / "cells"))
@@ -147,13 +153,16 @@ def _html(comparison: Comparison, table: str) -> str:
     )
 
 
+_BOLD = re.compile(r"\*\*(.+?)\*\*")
+
+
 def _table_html(markdown: str) -> str:
     """table.md as HTML: its pipe table as a <table>, every other line a paragraph."""
     parts, rows = [], []
     for line in markdown.splitlines() + [""]:
         if line.startswith("|"):
             if not set(line) <= set("|-: "):  # skip the alignment row
-                rows.append([html.escape(c.strip()) for c in line.strip("|").split("|")])
+                rows.append([_BOLD.sub(r"<b>\1</b>", html.escape(c.strip())) for c in line.strip("|").split("|")])
             continue
         if rows:
             head, *body = rows

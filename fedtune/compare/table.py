@@ -88,6 +88,27 @@ def verdict(groups: list[Group]) -> str:
     return text + f" Within two standard errors of the difference, so not beaten by it: {', '.join(tied)}."
 
 
+@dataclass(frozen=True)
+class Difference:
+    """Of one figure between two groups: the mean of the first minus the second's,
+    against two standard errors of that difference (unpaired, over seeds)."""
+
+    difference: float
+    two_se: float
+
+    @classmethod
+    def of(cls, first: Group, second: Group, key: str) -> Difference | None:
+        """None where either group lacks the figure or has fewer than two seeds (no spread to test against)."""
+        if first.mean(key) is None or second.mean(key) is None or min(len(first.runs), len(second.runs)) < 2:
+            return None
+        return cls(first.mean(key) - second.mean(key),
+                   2 * math.hypot(first.standard_error(key), second.standard_error(key)))
+
+    @property
+    def exceeds(self) -> bool:
+        return abs(self.difference) > self.two_se
+
+
 def write_csv(groups: list[Group], axes: list[str], path: Path) -> None:
     out = io.StringIO()
     writer = csv.writer(out)
@@ -104,13 +125,13 @@ def markdown(groups: list[Group], failed: dict[str, str], refused: dict[str, str
     front = {groups[i].name for i in pareto_front([(g.total_bytes, g.mean("final_score")) for g in groups])}
     metric = groups[0].metric
     lines = [
-        f"| cell | final {metric} | best {metric} | final loss | {metric} at {human_bytes(budget)} | bytes down | bytes up | per client-round down / up "
+        f"| cell | final {metric} | best {metric} | final loss | {metric} at {human_bytes(budget) if budget else 'a byte budget'} | bytes down | bytes up | per client-round down / up "
         "| rounds to target | bytes to target | simulated time to target | epsilon | wall time | Pareto |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:-:|",
     ]
     for g in groups:
         lines.append("| " + " | ".join([
-            g.name + (f" ({len(g.runs)} seeds)" if seeds > 1 else ""),
+            g.name + (f" ({len(g.runs)} seed{'s' if len(g.runs) > 1 else ''})" if seeds > 1 else ""),
             _pm(g, "final_score"), _pm(g, "best_score"), _pm(g, "final_loss"),
             _spread_of(g.score_at_budget(budget)) if budget else "-",
             human_bytes(g.mean("total_bytes_down")), human_bytes(g.mean("total_bytes_up")),
@@ -123,11 +144,34 @@ def markdown(groups: list[Group], failed: dict[str, str], refused: dict[str, str
     if seeds > 1:
         lines += ["", "Each figure: mean ± standard deviation over seeds, (standard error of the mean)."]
     lines += ["", verdict(groups)]
+    if min(len(g.runs) for g in groups) > 1 and len(groups) > 2:
+        lines += ["", _differences_table(groups, metric)]
     lines += [f"\nFailed: {name}: {error}" for name, error in failed.items()]
     if refused:
         lines.append(f"\nNot run, refused by the config check ({len(refused)}):")
         lines += [f"- {name}: {reason}" for name, reason in refused.items()]
     return "\n".join(lines) + "\n"
+
+
+def _differences_table(groups: list[Group], metric: str) -> str:
+    """Every pair of groups, the higher-scoring first: the differences of their
+    final score and final loss, each with two standard errors, in bold where it
+    exceeds them."""
+    ranked = sorted(groups, key=lambda g: g.mean("final_score"), reverse=True)
+    lines = [f"| pair | final {metric}: difference (2 SE) | final loss: difference (2 SE) |", "|---|---:|---:|"]
+    for i, a in enumerate(ranked):
+        for b in ranked[i + 1:]:
+            cells = [_difference(Difference.of(a, b, key)) for key in ("final_score", "final_loss")]
+            lines.append(f"| {a.name} − {b.name} | {cells[0]} | {cells[1]} |")
+    return "\n".join([*lines, "", "A difference in bold exceeds two standard errors of the difference (unpaired, "
+                       "over seeds); the others do not, and are not called a difference."])
+
+
+def _difference(d: Difference | None) -> str:
+    if d is None:
+        return "-"
+    text = f"{d.difference:+.3f} ({d.two_se:.3f})"
+    return f"**{text}**" if d.exceeds else text
 
 
 def _pm(g: Group, key: str) -> str:

@@ -45,7 +45,7 @@ def summarize(config: RunConfig, rows: list[RoundRow], ledger: Ledger, majority:
         retried_rounds=sum(r.attempts is not None for r in rows) or None,
         skipped_rounds=sum(r.skipped for r in rows) or None,
         stopped=stopped,
-        **(privacy or {}), **_hardware(rows), **_target(config, rows),
+        **(privacy or {}), **_hardware(rows), **target_figures(config.run.target_accuracy, rows),
     )
 
 
@@ -62,14 +62,14 @@ def _hardware(rows: list[RoundRow]) -> dict:
     }
 
 
-def _target(config: RunConfig, rows: list[RoundRow]) -> dict:
-    """The first round at the target accuracy, with the bytes and simulated time spent by then."""
-    target = config.run.target_accuracy
+def target_figures(target: float, rows: list[RoundRow]) -> dict:
+    """The first round at the target score (0: none), with the bytes and simulated
+    time spent by then: RunSummary's target fields."""
     if not target:
         return {}
     hit = next((r for r in rows[1:] if r.score is not None and r.score >= target), None)
     if hit is None:
-        return {"target_accuracy": target}
+        return {"target_accuracy": target, "rounds_to_target": None, "bytes_to_target": None, "sim_time_to_target_s": None}
     return {
         "target_accuracy": target,
         "rounds_to_target": hit.round,
