@@ -59,6 +59,21 @@ small = ["train.batch_size=4"]
         "privacy.mode=sample", "privacy.epsilon=8", "train.batch_size=4", "run.seed=1",
     )
     assert [x.label for x in c.cells if x.values["method"] == "fedkseed"] == ["fedkseed no DP seed 0", "fedkseed no DP seed 1"]
+
+
+def test_privacy_modes_add_overrides_to_that_modes_cells(tmp_path):
+    c = load_comparison(compare_file(tmp_path, """
+[grid]
+privacy = ["none", "client:3", "sample:8"]
+[privacy_modes]
+sample = ["train.batch_size=64", "train.optimizer=sgd"]
+"""))
+    overrides = {x.label: x.overrides for x in c.cells}
+    assert overrides == {
+        "no DP": ("privacy.mode=none",),
+        "client DP eps 3": ("privacy.mode=client", "privacy.epsilon=3"),
+        "sample DP eps 8": ("privacy.mode=sample", "privacy.epsilon=8", "train.batch_size=64", "train.optimizer=sgd"),
+    }
     assert len({x.slug for x in c.cells}) == len(c.cells)
 
 
@@ -97,6 +112,7 @@ fleet = {phone = 0.5, laptop = 0.5}
     ("[grid]\nmix = [\"fleet\"]", "not a [mixes] table"),
     ("[grid]\nprivacy = [\"8\"]", "MODE:EPSILON"),
     ("[grid]\nmethod = [\"fedit\"]\n[methods]\nfed_sb = []", "which grid.method does not list"),
+    ("[grid]\nprivacy = [\"none\", \"client:3\"]\n[privacy_modes]\nsample = []", "which no grid.privacy value uses"),
     ("[grid]\nmethod = [\"fedit\"]\n[axes.x]\na = [\"lora.rnak=4\"]", "unknown config key lora.rnak"),
     ("[grid]\nmethod = [\"fedkseed\"]\nprivacy = [\"sample:1\"]", "no cell of the grid is a valid run config"),
 ])

@@ -15,6 +15,8 @@
     seed = [0, 1, 2]
     [methods]                         # overrides for the cells of one method
     fed_sb = ['lora.rank=16']
+    [privacy_modes]                   # overrides for the cells of one privacy mode
+    sample = ['train.batch_size=64']
     [mixes]
     fleet = {phone = 0.5, laptop = 0.3, consumer_gpu = 0.2}
     [axes.deadline]                   # any other axis: named override lists
@@ -37,7 +39,7 @@ from fedtune.methods.registry import METHODS, get_method
 from fedtune.privacy.factory import grid_overrides
 
 AXES = ("method", "rank", "uplink", "downlink", "privacy", "mix", "seed")
-TABLES = ("compare", "grid", "methods", "mixes", "axes")
+TABLES = ("compare", "grid", "methods", "privacy_modes", "mixes", "axes")
 COMPARE_KEYS = ("config", "output_dir", "target_accuracy", "byte_budget", "parallel", "set")
 
 
@@ -143,13 +145,15 @@ def _axes(raw: dict[str, Any]) -> dict[str, dict[str, list[str]]]:
     grid = raw.get("grid", {})
     _only(grid, AXES, "axis", "grid.", hint="; other axes go in [axes.NAME]")
     methods = raw.get("methods", {})
+    modes = raw.get("privacy_modes", {})
     mixes = raw.get("mixes", {})
     axes: dict[str, dict[str, list[str]]] = {}
     for axis in grid:
         values = grid[axis]
         if not isinstance(values, list) or not values:
             raise FedtuneError(f"grid.{axis} must be a non-empty list")
-        axes[axis] = {str(v): _axis_overrides(axis, v, methods, mixes) for v in values}
+        per_value = methods if axis == "method" else modes
+        axes[axis] = {str(v): _axis_overrides(axis, v, per_value, mixes) for v in values}
     for name, options in raw.get("axes", {}).items():
         if not isinstance(options, dict) or not options:
             raise FedtuneError(f"[axes.{name}] must map value names to override lists")
@@ -161,12 +165,16 @@ def _axes(raw: dict[str, Any]) -> dict[str, dict[str, list[str]]]:
     unknown = set(methods) - set(map(str, grid.get("method", [])))
     if unknown:
         raise FedtuneError(f"[methods] names {sorted(unknown)}, which grid.method does not list")
+    unknown = set(modes) - {str(v).partition(":")[0] for v in grid.get("privacy", [])}
+    if unknown:
+        raise FedtuneError(f"[privacy_modes] names {sorted(unknown)}, which no grid.privacy value uses")
     return axes
 
 
-def _axis_overrides(axis: str, value: Any, methods: dict, mixes: dict) -> list[str]:
+def _axis_overrides(axis: str, value: Any, per_value: dict, mixes: dict) -> list[str]:
+    """``per_value``: [methods] for the method axis, [privacy_modes] for privacy."""
     if axis == "method":
-        return [f"federation.method={value}", *_strings(methods.get(value, []), f"methods.{value}")]
+        return [f"federation.method={value}", *_strings(per_value.get(value, []), f"methods.{value}")]
     if axis == "rank":
         return [f"lora.rank={value}"]
     if axis == "seed":
@@ -175,7 +183,9 @@ def _axis_overrides(axis: str, value: Any, methods: dict, mixes: dict) -> list[s
         chain = [] if value == "none" else str(value).split(",")
         return [f"compression.{axis.removesuffix('link')}={json.dumps(chain)}"]
     if axis == "privacy":
-        return grid_overrides(str(value))
+        mode = str(value).partition(":")[0]
+        extra = [] if value == "none" else _strings(per_value.get(mode, []), f"privacy_modes.{mode}")
+        return [*grid_overrides(str(value)), *extra]
     # mix
     if value == "none":
         return ["hardware.mix={}"]
