@@ -6,7 +6,9 @@ tree, sampled every 0.2 s:
 - server: peak resident memory of the `fedtune run` process (the ServerApp and the
   simulation driver);
 - worker: the largest peak of any Ray client worker (ClientApp actor);
-- tree: peak of the whole tree's summed resident memory (server, Ray, workers);
+- tree: peak of the whole tree's summed proportional set size (server, Ray,
+  workers; PSS: a page shared by k processes counts 1/k in each, so torch's
+  libraries, mapped by every worker, count once, as the machine holds them);
 - s/round: median wall time of the rounds after the first.
 
 Printed as a table with each figure's ratio to 10 clients (the goal: at most 1.1).
@@ -53,23 +55,33 @@ def run(method: str, clients: int, rounds: int, out: Path) -> Measured:
         overrides |= {"fedkseed.num_seeds": 1024, "train.lr": 1e-5}
     argv = [sys.executable, "-m", "fedtune.cli", "run", "simulations/quick.toml"]
     argv += [a for key, value in overrides.items() for a in ("--set", f"{key}={value}")]
+    return measure(argv, out, worker_marks=("ClientAppActor", "ray::"))
+
+
+def measure(argv: list[str], out: Path, worker_marks: tuple[str, ...], server_marks: tuple[str, ...] = ()) -> Measured:
+    """Run ``argv`` (a fedtune command writing its run under ``out``) and sample its
+    process tree. A worker is a process whose command line holds one of
+    ``worker_marks``; the server is the root process, or the largest process whose
+    command line holds one of ``server_marks``."""
     log = (out / "run.log").open("w")
     child = psutil.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     server = worker = tree = 0.0
     while child.poll() is None:
         try:
             family = [child, *child.children(recursive=True)]
-            sizes = {p: p.memory_info().rss for p in family if p.is_running()}
-            names = {p: " ".join(p.cmdline()[:2]) for p in sizes}
+            info = {p: p.memory_full_info() for p in family if p.is_running()}
+            sizes = {p: i.rss for p, i in info.items()}
+            names = {p: " ".join(p.cmdline()[:4]) for p in sizes}
         except psutil.Error:  # a process ended between listing and reading
             continue
-        server = max(server, sizes.get(child, 0))
-        worker = max([worker, *(rss for p, rss in sizes.items() if "ClientAppActor" in names[p] or "ray::" in names[p])])
-        tree = max(tree, sum(sizes.values()))
+        servers = [rss for p, rss in sizes.items() if any(m in names[p] for m in server_marks)] if server_marks else [sizes.get(child, 0)]
+        server = max([server, *servers])
+        worker = max([worker, *(rss for p, rss in sizes.items() if any(m in names[p] for m in worker_marks))])
+        tree = max(tree, sum(i.pss for i in info.values()))
         time.sleep(0.2)
     if child.returncode:
-        raise SystemExit(f"{method} at {clients} clients failed (exit {child.returncode}): see {out / 'run.log'}")
-    run_dir = next(out.glob("*/metrics.jsonl")).parent
+        raise SystemExit(f"{' '.join(argv[2:5])} failed (exit {child.returncode}): see {out / 'run.log'}")
+    run_dir = next(out.glob("**/metrics.jsonl")).parent
     walls = [row.wall_time_s for row in read_rows(run_dir)]
     per_round = [b - a for a, b in zip(walls[1:], walls[2:])] or [walls[-1] - walls[0]]
     return Measured(server / MB, worker / MB, tree / MB, statistics.median(per_round))
