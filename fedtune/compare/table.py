@@ -80,7 +80,8 @@ def verdict(groups: list[Group]) -> str:
     seeds = min(len(g.runs) for g in groups)
     text = f"Highest mean final {best.metric}: {best.name} ({_pm(best, 'final_score')})."
     if seeds < 2:
-        return text + " One seed per cell: there is no spread to test differences against, so none is called a win."
+        which = "One seed per cell" if max(len(g.runs) for g in groups) < 2 else "A cell with one seed"
+        return text + f" {which}: there is no spread to test differences against, so none is called a win."
     tied = [g.name for g in groups if g is not best and best.mean("final_score") - g.mean("final_score")
             <= 2 * math.hypot(best.standard_error("final_score"), g.standard_error("final_score"))]
     if not tied:
