@@ -73,22 +73,6 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return sorted(front, key=lambda i: points[i])
 
 
-def verdict(groups: list[Group]) -> str:
-    """Name the best group, and the groups its lead over is within two standard
-    errors of the difference (over seeds): those are not beaten."""
-    best = max(groups, key=lambda g: g.mean("final_score"))
-    seeds = min(len(g.runs) for g in groups)
-    text = f"Highest mean final {best.metric}: {best.name} ({_pm(best, 'final_score')})."
-    if seeds < 2:
-        which = "One seed per cell" if max(len(g.runs) for g in groups) < 2 else "A cell with one seed"
-        return text + f" {which}: there is no spread to test differences against, so none is called a win."
-    tied = [g.name for g in groups if g is not best and best.mean("final_score") - g.mean("final_score")
-            <= 2 * math.hypot(best.standard_error("final_score"), g.standard_error("final_score"))]
-    if not tied:
-        return text + " It leads every other cell by more than two standard errors of the difference."
-    return text + f" Within two standard errors of the difference, so not beaten by it: {', '.join(tied)}."
-
-
 @dataclass(frozen=True)
 class Difference:
     """Of one figure between two groups: the mean of the first minus the second's,
@@ -108,6 +92,21 @@ class Difference:
     @property
     def exceeds(self) -> bool:
         return abs(self.difference) > self.two_se
+
+
+def verdict(groups: list[Group]) -> str:
+    """Name the best group, and the groups its lead over is within two standard
+    errors of the difference (over seeds): those are not beaten."""
+    best = max(groups, key=lambda g: g.mean("final_score"))
+    seeds = min(len(g.runs) for g in groups)
+    text = f"Highest mean final {best.metric}: {best.name} ({_pm(best, 'final_score')})."
+    if seeds < 2:
+        which = "One seed per cell" if max(len(g.runs) for g in groups) < 2 else "A cell with one seed"
+        return text + f" {which}: there is no spread to test differences against, so none is called a win."
+    tied = [g.name for g in groups if g is not best and not Difference.of(best, g, "final_score").exceeds]
+    if not tied:
+        return text + " It leads every other cell by more than two standard errors of the difference."
+    return text + f" Within two standard errors of the difference, so not beaten by it: {', '.join(tied)}."
 
 
 def write_csv(groups: list[Group], axes: list[str], path: Path) -> None:
