@@ -127,6 +127,33 @@ def test_fedkseed_client_that_missed_50_rounds_applies_the_k_sums(tmp_path, enco
     assert down[CATCHUP].tolist()[0] == 50 or encoding == "paper"  # paper: two rounds cost more than the sums
 
 
+def test_clients_handed_the_same_snapshot_rebuild_it_once(tmp_path, monkeypatch):
+    """In a simulation every client sampled after missing rounds gets the same
+    snapshot; the first rebuilds it (FedKSeed: one perturbation per seed), the
+    others load its copy from the shared store, bit for bit."""
+    config = small_config(tmp_path, federation={"method": "fedkseed"}, train={"local_steps": 2, "lr": 1e-4},
+                          fedkseed={"num_seeds": 64, "encoding": "compact"})
+    server, g, store = _server(config), torch.Generator().manual_seed(0), ReplicaStore(tmp_path / "replicas")
+    for _ in range(5):
+        fedavg(server, [_fake_update(server, 1, g), _fake_update(server, 2, g)])
+    replayed, apply = [], server.apply
+    monkeypatch.setattr(server, "apply", lambda tuned, scalars: replayed.append(scalars) or apply(tuned, scalars))
+
+    def join(client):
+        job = ClientJob(client, client_data(config, client % 3), seed=client, replicas=store)
+        down = server.server_downlink(client)
+        assert down[CATCHUP].tolist()[0] == -1
+        return job, server.client_train(load_model(config), down, job)
+
+    (first, _), (second, _) = join(10), join(11)
+    assert len(replayed) == 1  # the second client replayed nothing
+    assert torch.equal(first.state["replica_digest"], second.state["replica_digest"])
+    fedavg(server, [_fake_update(server, 1, g)])  # the server replays the round on its own model
+    replayed.clear()
+    join(12)
+    assert len(replayed) == 1  # a new round's snapshot is rebuilt again
+
+
 def test_a_lost_copy_is_one_error_and_the_server_starts_the_client_afresh(tmp_path):
     config = small_config(tmp_path, federation={"method": "fedkseed"}, train={"local_steps": 3, "lr": 1e-4},
                           fedkseed={"num_seeds": 64, "encoding": "compact"})

@@ -11,7 +11,9 @@ base = -1, a snapshot of round ``latest`` follows, applied to the base model.
 The server keeps the latest rounds' deltas only while they cost fewer bytes than a
 snapshot (a client further behind gets the snapshot anyway) and, per client, the
 last round it applied: a number. A client keeps its caught-up weights in a
-`ReplicaStore` (on disk) and, in its node state, the round and the copy's digest.
+`ReplicaStore` (on disk) and, in its node state, the round and the copy's digest;
+a snapshot's rebuilt copy is noted in the store, so the clients sharing a store
+rebuild each snapshot once.
 
 Server and clients apply a delta with the same code in the same order, so their
 copies stay bit-identical; a snapshot is exact for FLoRA (the weights themselves)
@@ -27,7 +29,7 @@ import torch
 from torch import nn
 
 from fedtune.errors import FedtuneError
-from fedtune.methods.replicas import ReplicaStore, digest_tensor, tensor_digest
+from fedtune.methods.replicas import ReplicaStore, content_digest, digest_tensor, tensor_digest
 from fedtune.wire import TensorDict
 
 CATCHUP = "catchup"
@@ -103,9 +105,15 @@ def catch_up(
     params = dict(model.named_parameters())
     synced = int(state.get(SYNCED, torch.tensor(0)))
     changed: set[str] = set()
+    snapshot_key = None
     with torch.no_grad():
         if base < 0:
-            changed.update(restore({n.removeprefix(SNAPSHOT): t for n, t in downlink.items() if n.startswith(SNAPSHOT)}))
+            snapshot = {n.removeprefix(SNAPSHOT): t for n, t in downlink.items() if n.startswith(SNAPSHOT)}
+            snapshot_key = content_digest(snapshot | {CATCHUP: downlink[CATCHUP]})
+            if (built := replicas.recall(snapshot_key)) is not None:  # another client rebuilt it already
+                changed.update(_set(params, built))
+            else:
+                changed.update(restore(snapshot))
             start = latest
         else:
             start, kept = _restore_copy(params, state, replicas, synced, base, latest)
@@ -119,6 +127,8 @@ def catch_up(
     if latest > synced or base < 0:
         digest = replicas.put(owner, {name: params[name] for name in sorted(changed)})
         state.update({SYNCED: torch.tensor(latest), DIGEST: digest_tensor(digest)})
+        if snapshot_key is not None:
+            replicas.remember(snapshot_key, digest)
 
 
 def _restore_copy(params: dict[str, nn.Parameter], state: TensorDict, replicas: ReplicaStore,
@@ -138,6 +148,10 @@ def _restore_copy(params: dict[str, nn.Parameter], state: TensorDict, replicas: 
             raise FedtuneError(f"this client's copy of round {synced} is not in its replica store (cleared, or kept on "
                                "another host); the server sends a snapshot next time")
         return 0, []
+    return synced, _set(params, copy)
+
+
+def _set(params: dict[str, nn.Parameter], copy: TensorDict) -> list[str]:
     for name, tensor in copy.items():
         params[name].copy_(tensor)
-    return synced, list(copy)
+    return list(copy)

@@ -31,6 +31,7 @@ from fedtune.wire import TensorDict
 # Where a node keeps its copies when its node config names no replica-dir: a
 # simulation points it at a directory it removes when the run ends.
 REPLICA_DIR = "FEDTUNE_REPLICA_DIR"
+_MEMO = "~snapshot"  # the owner holding the latest snapshot's rebuilt copy (clients are numbers)
 
 
 def run_directory(run_id: int, root: Path | None = None) -> Path:
@@ -48,19 +49,18 @@ class ReplicaStore:
         self.directory = directory
         self._memory: dict[bytes, bytes] = {}
         self._memory_refs: dict[str, bytes] = {}
+        self._memo_key: bytes | None = None
         if directory is not None:
             (directory / "refs").mkdir(parents=True, exist_ok=True)
             (directory / "blobs").mkdir(exist_ok=True)
 
     def put(self, owner: str, tensors: TensorDict) -> bytes:
         """Keep ``tensors`` as ``owner``'s copy, in place of the one it held; its digest."""
-        data = save({n: t.detach().contiguous().cpu() for n, t in tensors.items()})
+        data = _serialize(tensors)
         digest = hashlib.sha256(data).digest()
         if self.directory is None:
-            old = self._memory_refs.get(owner)
-            self._memory[digest], self._memory_refs[owner] = data, digest
-            if old is not None and old not in self._memory_refs.values():
-                del self._memory[old]
+            self._memory[digest] = data
+            self._point(owner, digest)
             return digest
         with self._locked():
             blob = self._blob(digest)
@@ -68,12 +68,33 @@ class ReplicaStore:
                 tmp = blob.with_suffix(f".{os.getpid()}.tmp")
                 tmp.write_bytes(data)
                 tmp.rename(blob)  # never a half-written copy under a digest
-            ref = self.directory / "refs" / owner
-            old = bytes.fromhex(ref.read_text()) if ref.exists() else None
-            ref.write_text(digest.hex())
-            if old is not None and old != digest and not self._referenced(old):
-                self._blob(old).unlink(missing_ok=True)
+            self._point(owner, digest)
         return digest
+
+    def remember(self, key: bytes, digest: bytes) -> None:
+        """Note that the copy built from ``key`` (a snapshot's hash) is ``digest``, so
+        the next client handed the same snapshot loads it instead of rebuilding it:
+        in a simulation, every client sampled after missing rounds gets the same
+        snapshot, and FedKSeed's rebuild regenerates up to K perturbations. Only the
+        latest note is kept (it holds its copy, like an owner)."""
+        if self.directory is None:
+            self._memo_key = key
+            self._point(_MEMO, digest)
+            return
+        with self._locked():
+            (self.directory / "memo").write_text(key.hex())
+            self._point(_MEMO, digest)
+
+    def recall(self, key: bytes) -> TensorDict | None:
+        """The copy noted for ``key`` by `remember`, or None."""
+        if self.directory is None:
+            digest = self._memory_refs.get(_MEMO) if self._memo_key == key else None
+        else:
+            with self._locked():
+                memo, ref = self.directory / "memo", self.directory / "refs" / _MEMO
+                noted = memo.exists() and ref.exists() and memo.read_text() == key.hex()
+                digest = bytes.fromhex(ref.read_text()) if noted else None
+        return None if digest is None else self.get(digest)
 
     def get(self, digest: bytes) -> TensorDict | None:
         """The copy with ``digest``, or None if this store does not hold it (another
@@ -94,6 +115,21 @@ class ReplicaStore:
     def _blob(self, digest: bytes) -> Path:
         return self.directory / "blobs" / f"{digest.hex()}.st"
 
+    def _point(self, owner: str, digest: bytes) -> None:
+        """Make ``owner`` hold ``digest``, dropping the copy it held if no one else
+        does (on disk: called under the lock)."""
+        if self.directory is None:
+            old = self._memory_refs.get(owner)
+            self._memory_refs[owner] = digest
+            if old is not None and old not in self._memory_refs.values():
+                del self._memory[old]
+            return
+        ref = self.directory / "refs" / owner
+        old = bytes.fromhex(ref.read_text()) if ref.exists() else None
+        ref.write_text(digest.hex())
+        if old is not None and old != digest and not self._referenced(old):
+            self._blob(old).unlink(missing_ok=True)
+
     def _referenced(self, digest: bytes) -> bool:
         hexed = digest.hex()
         return any(ref.read_text() == hexed for ref in (self.directory / "refs").iterdir())
@@ -106,6 +142,15 @@ class ReplicaStore:
                 yield
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _serialize(tensors: TensorDict) -> bytes:
+    return save({n: t.detach().contiguous().cpu() for n, t in tensors.items()})
+
+
+def content_digest(tensors: TensorDict) -> bytes:
+    """The SHA-256 of ``tensors`` as the store would keep them."""
+    return hashlib.sha256(_serialize(tensors)).digest()
 
 
 def digest_tensor(digest: bytes) -> torch.Tensor:
