@@ -25,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     compare = sub.add_parser("compare", help="run a grid of federated runs and compare accuracy against bytes")
     compare.add_argument("config", help="compare file: [compare], [grid] and friends (see simulations/compare.toml)")
     compare.add_argument("--list", action="store_true", help="list the grid's cells and exit")
+    compare.add_argument("--report", action="store_true",
+                         help="write the report from the cells finished so far and run nothing (a grid run in pieces)")
     compare.set_defaults(func=_compare)
     _deploy_parsers(sub)
     args = parser.parse_args(argv)
@@ -178,7 +180,7 @@ def _deploy(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from fedtune.compare.grid import load_comparison
     from fedtune.compare.report import write_report
-    from fedtune.compare.runner import cell_dir, run_cells
+    from fedtune.compare.runner import cell_dir, finished_cells, run_cells
 
     comparison = load_comparison(args.config)
     print(f"{len(comparison.cells)} cells over {', '.join(comparison.axes) or 'no varying axis'}; "
@@ -189,8 +191,14 @@ def _compare(args: argparse.Namespace) -> int:
         for cell in comparison.cells:
             print(f"  {cell.label}: {' '.join(cell.overrides)}  [{cell_dir(comparison, cell)}]")
         return 0
-    results = run_cells(comparison)
-    report = write_report(comparison, results)
+    if args.report:
+        results = finished_cells(comparison)
+        done = {r.cell.label for r in results}
+        pending = [cell.label for cell in comparison.cells if cell.label not in done]
+        print(f"{len(results)} of {len(comparison.cells)} cells finished")
+    else:
+        results, pending = run_cells(comparison), []
+    report = write_report(comparison, results, pending)
     print((comparison.output_dir / "table.md").read_text())
     print(f"report: {report}")
     return 1 if any(r.run_dir is None for r in results) else 0

@@ -206,6 +206,22 @@ def test_pareto_front():
     assert pareto_front([(1.0, 0.5), (1.0, 0.5)]) == [0, 1]  # equal points do not dominate each other
 
 
+def test_report_of_a_grid_run_in_pieces_has_the_finished_cells_and_names_the_rest(tmp_path, capsys):
+    path = compare_file(tmp_path, '[grid]\nmethod = ["fedit", "fed_sb"]\nseed = [0, 1]\n')
+    comparison = load_comparison(path)
+    assert main(["compare", str(path), "--report"]) == 2
+    assert capsys.readouterr().err.startswith("error: no cell of the comparison has finished; see the run.log files")
+    for seed, cell in enumerate(comparison.cells[:3]):  # fedit seeds 0 and 1, fed_sb seed 0
+        _synthetic_run(comparison.output_dir / "cells", cell.slug, [0.5, 0.7 + seed / 10], 1000, seed)
+    assert main(["compare", str(path), "--report"]) == 0  # runs nothing: the fourth cell has no run directory after it
+    out = capsys.readouterr().out
+    assert "3 of 4 cells finished" in out and not list((comparison.output_dir / "cells").glob("fed_sb-seed-1*"))
+    assert "| fedit (2 seeds) | 0.750 ± 0.071 (0.050) |" in out and "| fed_sb (1 seed) | 0.900 |" in out
+    assert "Not run yet (1; `fedtune compare` runs them): fed_sb seed 1." in out
+    with (comparison.output_dir / "table.csv").open() as f:
+        assert [(r["cell"], r["seed"]) for r in csv.DictReader(f)] == [("fedit", "0"), ("fedit", "1"), ("fed_sb", "0")]
+
+
 @pytest.mark.integration
 def test_interrupted_grid_resumes_where_it_stopped(tmp_path):
     """SIGKILL `fedtune compare` while its second cell runs; rerun it: the first cell

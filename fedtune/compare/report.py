@@ -8,10 +8,12 @@ import base64
 import dataclasses
 import html
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 from fedtune.compare.grid import Comparison
 from fedtune.compare.runner import CellResult
+from fedtune.errors import FedtuneError
 from fedtune.compare.table import Group, markdown, pareto_front, write_csv
 from fedtune.report.plots import pyplot, save_figure
 from fedtune.report.rows import read_rows, read_summary
@@ -43,16 +45,17 @@ def collect(results: list[CellResult], target: float) -> list[Group]:
     return list(groups.values())
 
 
-def write_report(comparison: Comparison, results: list[CellResult]) -> Path:
-    """Write every output; returns the HTML report's path."""
+def write_report(comparison: Comparison, results: list[CellResult], pending: Sequence[str] = ()) -> Path:
+    """Write every output; returns the HTML report's path. ``pending``: the labels
+    of cells not run yet, when the report is of a grid still being finished."""
     out = comparison.output_dir
     groups = collect(results, comparison.target_accuracy)
     failed = {r.cell.label: r.error for r in results if r.run_dir is None}
     if not groups:
-        raise RuntimeError("no cell of the comparison finished; see the run.log files under " + str(out / "cells"))
+        raise FedtuneError(f"no cell of the comparison has finished; see the run.log files under {out / 'cells'}")
     axes = list(dict.fromkeys(a for r in results for a in r.cell.values))  # one-valued ones too
     write_csv(groups, axes, out / "table.csv")
-    table = markdown(groups, failed, comparison.refused, comparison.byte_budget)
+    table = markdown(groups, failed, comparison.refused, comparison.byte_budget, pending)
     write_atomic(out / "table.md", table)
     plot_pareto(groups, out / "pareto.png")
     plot_curves(groups, out / "score_vs_bytes.png", out / "score_vs_time.png")

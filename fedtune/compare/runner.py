@@ -39,6 +39,11 @@ def finished_run(directory: Path) -> Path | None:
     return done[-1].parent if done else None
 
 
+def finished_cells(comparison: Comparison) -> list[CellResult]:
+    """The cells finished so far, in grid order; the others are left out (not failed)."""
+    return [CellResult(cell, run_dir) for cell in comparison.cells if (run_dir := finished_run(cell_dir(comparison, cell)))]
+
+
 def _follow(child: subprocess.Popen, directory: Path, shown: int, echo: Callable[[str], None]) -> None:
     """Echo the rounds of the newest run directory under ``directory`` after round
     ``shown`` as they land, until ``child`` ends."""

@@ -8,6 +8,7 @@ import csv
 import io
 import math
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -120,7 +121,8 @@ def write_csv(groups: list[Group], axes: list[str], path: Path) -> None:
     write_atomic(path, out.getvalue())
 
 
-def markdown(groups: list[Group], failed: dict[str, str], refused: dict[str, str], budget: float = 0) -> str:
+def markdown(groups: list[Group], failed: dict[str, str], refused: dict[str, str], budget: float = 0,
+             pending: Sequence[str] = ()) -> str:
     seeds = max(len(g.runs) for g in groups)
     front = {groups[i].name for i in pareto_front([(g.total_bytes, g.mean("final_score")) for g in groups])}
     metric = groups[0].metric
@@ -147,6 +149,8 @@ def markdown(groups: list[Group], failed: dict[str, str], refused: dict[str, str
     if min(len(g.runs) for g in groups) > 1 and len(groups) > 2:
         lines += ["", _differences_table(groups, metric)]
     lines += [f"\nFailed: {name}: {error}" for name, error in failed.items()]
+    if pending:
+        lines.append(f"\nNot run yet ({len(pending)}; `fedtune compare` runs them): {', '.join(pending)}.")
     if refused:
         lines.append(f"\nNot run, refused by the config check ({len(refused)}):")
         lines += [f"- {name}: {reason}" for name, reason in refused.items()]
