@@ -13,8 +13,8 @@ from pathlib import Path
 
 from fedtune.compare.grid import Comparison
 from fedtune.compare.runner import CellResult
-from fedtune.errors import FedtuneError
 from fedtune.compare.table import Group, markdown, pareto_front, write_csv
+from fedtune.errors import FedtuneError
 from fedtune.report.plots import pyplot, save_figure
 from fedtune.report.rows import read_rows, read_summary
 from fedtune.report.run_dir import write_atomic
