@@ -115,6 +115,10 @@ fleet = {phone = 0.5, laptop = 0.5}
     ("[grid]\nprivacy = [\"none\", \"client:3\"]\n[privacy_modes]\nsample = []", "which no grid.privacy value uses"),
     ("[grid]\nmethod = [\"fedit\"]\n[axes.x]\na = [\"lora.rnak=4\"]", "unknown config key lora.rnak"),
     ("[grid]\nmethod = [\"fedkseed\"]\nprivacy = [\"sample:1\"]", "no cell of the grid is a valid run config"),
+    ("baseline = \"none\"\n[grid]\nprivacy = [\"none\", \"client:3\"]", "must name one axis and its value"),
+    ("baseline = {seed = 0}\n[grid]\nprivacy = [\"none\", \"client:3\"]\nseed = [0, 1]", "other than seed with more than one value"),
+    ("baseline = {method = \"fedit\"}\n[grid]\nmethod = [\"fedit\"]", "other than seed with more than one value"),
+    ("baseline = {privacy = \"off\"}\n[grid]\nprivacy = [\"none\", \"client:3\"]", "'off' is not one of grid.privacy's values"),
 ])
 def test_bad_compare_files_are_one_line_errors(tmp_path, body, message, capsys):
     path = compare_file(tmp_path, body)
@@ -198,6 +202,26 @@ def test_report_from_synthetic_runs_has_the_known_front(tmp_path):
     table = (comparison.output_dir / "table.md").read_text()
     rows = {line.split(" | ")[0].strip("| ").split(" (")[0]: line for line in table.splitlines() if line.startswith("| ") and "seeds" in line}
     assert "| 1.0 | 1.00 KB | - |" in rows["A"] and "| 1.0 | 100.00 KB | - |" in rows["B"]
+
+
+def test_changes_from_a_baseline_say_which_cell_loses_least(tmp_path):
+    # X loses 0.20 under DP (2 SE: 2 * hypot(0.010, 0.010) = 0.028), Y 0.03
+    # (2 * hypot(0.020, 0) = 0.040); Y - X: +0.170, 2 SE hypot(0.028, 0.040) = 0.049.
+    finals = {("fedit", "none"): [0.80, 0.82], ("fedit", "sample:8"): [0.60, 0.62],
+              ("fed_sb", "none"): [0.85, 0.85], ("fed_sb", "sample:8"): [0.80, 0.84]}
+    path = compare_file(tmp_path, 'baseline = {privacy = "none"}\n[grid]\nmethod = ["fedit", "fed_sb"]\nprivacy = ["none", "sample:8"]\nseed = [0, 1]\n')
+    comparison = load_comparison(path)
+    assert comparison.baseline == ("privacy", "none")
+    results = []
+    for cell in comparison.cells:
+        final = finals[cell.values["method"], cell.values["privacy"]][int(cell.values["seed"])]
+        results.append(CellResult(cell, _synthetic_run(comparison.output_dir / "cells", cell.slug, [0.5, final], 1000, 0)))
+    write_report(comparison, results)
+    table = (comparison.output_dir / "table.md").read_text()
+    assert "| cell | final accuracy: change from privacy = none (2 SE) |" in table
+    assert "| fedit sample DP eps 8 | **-0.200 (0.028)** |" in table and "| fed_sb sample DP eps 8 | -0.030 (0.040) |" in table
+    assert "| fed_sb sample DP eps 8 − fedit sample DP eps 8 | **+0.170 (0.049)** |" in table
+    assert "| fedit no DP |" not in table.split("change from privacy")[1]  # the baseline cells have no change
 
 
 def test_pareto_front():

@@ -6,6 +6,7 @@
     target_accuracy = 0.8             # rounds, bytes and time to reach it (0: none)
     byte_budget = 5e6                 # the score each cell had when it had sent this many bytes (0: none)
     set = ["run.rounds=3"]           # overrides for every cell
+    baseline = {privacy = "none"}     # each cell's change from the cell with this value (0 or 1 axis)
     [grid]                            # axes; the cells are their product
     method = ['fedit', 'fed_sb']
     rank = [4, 8]                     # lora.rank (not for a method without an adapter)
@@ -40,7 +41,7 @@ from fedtune.privacy.factory import grid_overrides
 
 AXES = ("method", "rank", "uplink", "downlink", "privacy", "mix", "seed")
 TABLES = ("compare", "grid", "methods", "privacy_modes", "mixes", "axes")
-COMPARE_KEYS = ("config", "output_dir", "target_accuracy", "byte_budget", "parallel", "set")
+COMPARE_KEYS = ("config", "output_dir", "target_accuracy", "byte_budget", "parallel", "set", "baseline")
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,7 @@ class Comparison:
     axes: list[str]  # the axes that vary, in table order
     cells: list[Cell]
     refused: dict[str, str]  # label -> why the config check refuses that combination
+    baseline: tuple[str, str] | None = None  # (axis, value): the cells the others' changes are measured from
 
 
 def load_comparison(path: str | Path) -> Comparison:
@@ -101,9 +103,24 @@ def load_comparison(path: str | Path) -> Comparison:
         except FedtuneError as exc:
             raise FedtuneError(f"grid override {override!r}: {exc}") from None
     varying = [a for a, values in axes.items() if len(values) > 1]
+    baseline = _baseline(head.get("baseline"), axes, varying)
     cells, refused = _expand(base, common, axes, varying)
     out = Path(head.get("output_dir", f"runs/compare-{path.stem}"))
-    return Comparison(path, base, out, float(target), float(budget), parallel, varying, cells, refused)
+    return Comparison(path, base, out, float(target), float(budget), parallel, varying, cells, refused, baseline)
+
+
+def _baseline(value: Any, axes: dict[str, dict[str, list[str]]], varying: list[str]) -> tuple[str, str] | None:
+    """compare.baseline = {AXIS = VALUE}: one varying axis other than the seed, and one of its values."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or len(value) != 1:
+        raise FedtuneError('compare.baseline must name one axis and its value, e.g. baseline = {privacy = "none"}')
+    ((axis, chosen),) = value.items()
+    if axis == "seed" or axis not in varying:
+        raise FedtuneError(f"compare.baseline names {axis!r}: it must be a grid axis other than seed with more than one value")
+    if str(chosen) not in axes[axis]:
+        raise FedtuneError(f"compare.baseline: {chosen!r} is not one of grid.{axis}'s values ({', '.join(axes[axis])})")
+    return axis, str(chosen)
 
 
 def _expand(

@@ -55,7 +55,7 @@ def write_report(comparison: Comparison, results: list[CellResult], pending: Seq
         raise FedtuneError(f"no cell of the comparison has finished; see the run.log files under {out / 'cells'}")
     axes = list(dict.fromkeys(a for r in results for a in r.cell.values))  # one-valued ones too
     write_csv(groups, axes, out / "table.csv")
-    table = markdown(groups, failed, comparison.refused, comparison.byte_budget, pending)
+    table = markdown(groups, failed, comparison.refused, comparison.byte_budget, pending, comparison.baseline)
     write_atomic(out / "table.md", table)
     plot_pareto(groups, out / "pareto.png")
     plot_curves(groups, out / "score_vs_bytes.png", out / "score_vs_time.png")

@@ -90,6 +90,10 @@ class Difference:
         return cls(first.mean(key) - second.mean(key),
                    2 * math.hypot(first.standard_error(key), second.standard_error(key)))
 
+    def minus(self, other: Difference) -> Difference:
+        """This difference less ``other``, of four independent groups: which of two changes is larger."""
+        return Difference(self.difference - other.difference, math.hypot(self.two_se, other.two_se))
+
     @property
     def exceeds(self) -> bool:
         return abs(self.difference) > self.two_se
@@ -122,7 +126,7 @@ def write_csv(groups: list[Group], axes: list[str], path: Path) -> None:
 
 
 def markdown(groups: list[Group], failed: dict[str, str], refused: dict[str, str], budget: float = 0,
-             pending: Sequence[str] = ()) -> str:
+             pending: Sequence[str] = (), baseline: tuple[str, str] | None = None) -> str:
     seeds = max(len(g.runs) for g in groups)
     front = {groups[i].name for i in pareto_front([(g.total_bytes, g.mean("final_score")) for g in groups])}
     metric = groups[0].metric
@@ -148,6 +152,8 @@ def markdown(groups: list[Group], failed: dict[str, str], refused: dict[str, str
     lines += ["", verdict(groups)]
     if min(len(g.runs) for g in groups) > 1 and len(groups) > 2:
         lines += ["", _differences_table(groups, metric)]
+    if baseline:
+        lines += ["", _changes_table(groups, baseline, metric)]
     lines += [f"\nFailed: {name}: {error}" for name, error in failed.items()]
     if pending:
         lines.append(f"\nNot run yet ({len(pending)}; `fedtune compare` runs them): {', '.join(pending)}.")
@@ -169,6 +175,34 @@ def _differences_table(groups: list[Group], metric: str) -> str:
             lines.append(f"| {a.name} − {b.name} | {cells[0]} | {cells[1]} |")
     return "\n".join([*lines, "", "A difference in bold exceeds two standard errors of the difference (unpaired, "
                        "over seeds); the others do not, and are not called a difference."])
+
+
+def _changes_table(groups: list[Group], baseline: tuple[str, str], metric: str) -> str:
+    """Each group's change of final score from its baseline group (the one with the
+    baseline value on that axis and the same values on every other), then, among the
+    groups that share a value of that axis, the differences of their changes, the
+    one that changed more (lost less) first: e.g. which method degrades least under DP."""
+    axis, value = baseline
+
+    def others(g: Group) -> tuple:
+        return tuple(sorted((a, v) for a, v in g.values.items() if a != axis))
+
+    bases = {others(g): g for g in groups if g.values.get(axis) == value}
+    changes = {g.name: Difference.of(g, bases[others(g)], "final_score")
+               for g in groups if g.values.get(axis) != value and others(g) in bases}
+    lines = [f"| cell | final {metric}: change from {axis} = {value} (2 SE) |", "|---|---:|"]
+    lines += [f"| {name} | {_difference(d)} |" for name, d in changes.items()]
+    lines += ["", f"| pair, at the same {axis} | difference of the changes (2 SE) |", "|---|---:|"]
+    by_value: dict[str, list[Group]] = {}
+    for g in groups:
+        if g.name in changes and changes[g.name] is not None:
+            by_value.setdefault(g.values[axis], []).append(g)
+    for same in by_value.values():
+        same.sort(key=lambda g: changes[g.name].difference, reverse=True)
+        for i, a in enumerate(same):
+            for b in same[i + 1:]:
+                lines.append(f"| {a.name} − {b.name} | {_difference(changes[a.name].minus(changes[b.name]))} |")
+    return "\n".join([*lines, "", "Changes and their differences are unpaired over seeds; in bold where one exceeds its two standard errors."])
 
 
 def _difference(d: Difference | None) -> str:
