@@ -39,8 +39,8 @@ from transformers.models.auto.modeling_auto import (
 )
 
 from fedtune.config import DataSection, ModelSection
-from fedtune.devices import DTYPES, autocast, computing_on, device_of
 from fedtune.data import ROTTEN_TOMATOES, TextDataset, majority_class_accuracy
+from fedtune.devices import DTYPES, autocast, computing_on, device_of
 from fedtune.errors import FedtuneError
 from fedtune.tasks import EvalResult
 

@@ -13,12 +13,17 @@ import numpy as np
 import torch
 
 from fedtune.config import RunConfig, from_dict
+from fedtune.data import (
+    has_test_split,
+    load_text_dataset,
+    server_split,
+    split_train_test,
+)
 from fedtune.devices import resolve_device
-from fedtune.data import has_test_split, load_text_dataset, server_split, split_train_test
 from fedtune.models import load_classifier
+from fedtune.partition import partition_indices
 from fedtune.tasks import Examples, Learner
 from fedtune.tasks.instruct import load_instruct_dataset, load_language_model
-from fedtune.partition import partition_indices
 
 
 def config_to_json(config: RunConfig) -> str:

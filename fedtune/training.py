@@ -11,9 +11,8 @@ from tqdm import tqdm
 
 from fedtune.config import TrainSection
 from fedtune.devices import computing_on
-from fedtune.tasks import Examples, Learner
 from fedtune.privacy.dp_sgd import DPSGD, make_private, poisson_batches
-
+from fedtune.tasks import Examples, Learner
 
 OPTIMIZER_CLASSES = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 

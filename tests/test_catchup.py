@@ -14,7 +14,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from fedtune.errors import FedtuneError
 from fedtune.methods import ClientJob, ClientUpdate, get_method
 from fedtune.methods.fedkseed import per_seed_sums
-from fedtune.methods.replay import CATCHUP, RoundLog, SNAPSHOT, nbytes
+from fedtune.methods.replay import CATCHUP, SNAPSHOT, RoundLog, nbytes
 from fedtune.methods.replicas import ReplicaStore
 from fedtune.task import client_data, load_model, load_splits
 

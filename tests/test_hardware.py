@@ -23,8 +23,8 @@ from fedtune.hardware.schedule import ClientTime, available, failures, round_sec
 from fedtune.methods.base import Footprint
 from fedtune.methods.fedit import FedIT
 from fedtune.methods.registry import METHODS, get_method
-from fedtune.rounds.participation import Uniform
 from fedtune.report.run_dir import create_run_dir
+from fedtune.rounds.participation import Uniform
 from fedtune.simulation import run_simulation
 from fedtune.task import load_model
 

@@ -6,9 +6,9 @@ from fedtune.ledger import Transfer
 from fedtune.report.console import human_bytes, summary_table
 from fedtune.report.recorder import Recorder
 from fedtune.report.rows import (
+    SUMMARY,
     Dropped,
     HardwareRow,
-    SUMMARY,
     RoundRow,
     RunSummary,
     append_row,

@@ -36,7 +36,6 @@ from fedtune.errors import FedtuneError
 from fedtune.hardware.fleet import Fleet
 from fedtune.methods.base import Method
 from fedtune.methods.registry import get_method, method_class
-from fedtune.tasks import EvalResult, Examples, Generation, Learner
 from fedtune.privacy import secrets
 from fedtune.privacy.factory import server_privacy
 from fedtune.privacy.policy import PrivacyPolicy
@@ -46,6 +45,7 @@ from fedtune.report.run_dir import create_run_dir, finish, write_generations
 from fedtune.rounds.participation import Participation, Sampler
 from fedtune.rounds.robust import Robustness
 from fedtune.task import client_partitions, load_model, load_splits
+from fedtune.tasks import EvalResult, Examples, Generation, Learner
 
 ADAPTER = "adapter"  # the exported global model, inside the run directory
 log = logging.getLogger("fedtune")

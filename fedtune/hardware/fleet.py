@@ -17,9 +17,9 @@ from fedtune.hardware.planner import Plan, plan_client
 from fedtune.hardware.profiles import assign_devices
 from fedtune.hardware.schedule import ClientTime, available, failures, round_seconds
 from fedtune.methods.base import Method
-from fedtune.tasks import Learner
 from fedtune.report.rows import HardwareRow
 from fedtune.rounds.participation import ClientReport, Participation, Sampler
+from fedtune.tasks import Learner
 
 log = logging.getLogger("fedtune")
 

@@ -16,8 +16,8 @@ from peft.utils.error import NoMatchingPeftModuleError
 
 from fedtune.config import LoraSection, RunConfig
 from fedtune.errors import FedtuneError
-from fedtune.tasks import Learner
 from fedtune.task import load_model
+from fedtune.tasks import Learner
 from fedtune.wire import TensorDict
 
 PREFIX = "base_model.model."  # where PeftModel puts the wrapped model's names

@@ -26,9 +26,9 @@ from fedtune.data import TextDataset
 from fedtune.errors import FedtuneError
 from fedtune.methods.adapters import adapter_footprint, check_ranks, temporarily_wrapped
 from fedtune.methods.replicas import ReplicaStore
-from fedtune.tasks import Learner
 from fedtune.privacy.dp_sgd import DPSGD
 from fedtune.privacy.mechanism import clip_update
+from fedtune.tasks import Learner
 from fedtune.wire import TensorDict
 
 if TYPE_CHECKING:

@@ -20,14 +20,13 @@ from __future__ import annotations
 from collections import OrderedDict
 from pathlib import Path
 
-import torch
 import numpy as np
+import torch
 from peft import PeftModel
 from torch import nn
 
 from fedtune.clients import client_name
 from fedtune.config import RunConfig
-from fedtune.tasks import Examples
 from fedtune.errors import FedtuneError
 from fedtune.methods.adapters import (
     PREFIX,
@@ -41,9 +40,9 @@ from fedtune.methods.adapters import (
 from fedtune.methods.base import ClientJob, ClientUpdate, LocalResult
 from fedtune.methods.lora import AveragedAdapter, train_adapter
 from fedtune.methods.replicas import digest_tensor, tensor_digest
-from fedtune.tasks import Learner
 from fedtune.rounds.release import Release
 from fedtune.task import server_data
+from fedtune.tasks import Examples, Learner
 from fedtune.wire import TensorDict
 
 BASIS = "basis/"

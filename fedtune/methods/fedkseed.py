@@ -51,9 +51,9 @@ from fedtune.methods.base import (
     UplinkSpec,
 )
 from fedtune.methods.replay import RoundLog, catch_up, nbytes
-from fedtune.tasks import Learner
 from fedtune.rounds.release import Release
 from fedtune.task import derive_seed
+from fedtune.tasks import Learner
 from fedtune.training import TrainStats, batch_order
 from fedtune.wire import TensorDict
 

@@ -35,9 +35,9 @@ from fedtune.methods.adapters import (
 from fedtune.methods.base import ClientJob, ClientUpdate, LocalResult, Method
 from fedtune.methods.lora import train_adapter
 from fedtune.methods.replay import RoundLog, catch_up, nbytes
+from fedtune.rounds.release import Release
 from fedtune.task import load_model
 from fedtune.tasks import Learner
-from fedtune.rounds.release import Release
 from fedtune.wire import TensorDict
 
 HEAD = "head/"

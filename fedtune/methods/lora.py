@@ -9,8 +9,8 @@ from peft import PeftModel
 from fedtune.config import TrainSection
 from fedtune.methods.adapters import load_trainable_state, trainable_state
 from fedtune.methods.base import ClientJob, ClientUpdate, LocalResult, Method
-from fedtune.tasks import Learner
 from fedtune.rounds.release import Release
+from fedtune.tasks import Learner
 from fedtune.training import train_steps
 from fedtune.wire import TensorDict
 
