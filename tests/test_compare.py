@@ -222,6 +222,11 @@ def test_changes_from_a_baseline_say_which_cell_loses_least(tmp_path):
     assert "| fedit sample DP eps 8 | **-0.200 (0.028)** |" in table and "| fed_sb sample DP eps 8 | -0.030 (0.040) |" in table
     assert "| fed_sb sample DP eps 8 − fedit sample DP eps 8 | **+0.170 (0.049)** |" in table
     assert "| fedit no DP |" not in table.split("change from privacy")[1]  # the baseline cells have no change
+    # With one seed the changes are shown without a spread, and none is in bold.
+    write_report(comparison, [r for r in results if r.cell.values["seed"] == "0"])
+    table = (comparison.output_dir / "table.md").read_text()
+    assert "| fedit sample DP eps 8 | -0.200 (one seed) |" in table and "| fed_sb sample DP eps 8 | -0.050 (one seed) |" in table
+    assert "| fed_sb sample DP eps 8 − fedit sample DP eps 8 | +0.150 (one seed) |" in table
 
 
 def test_pareto_front():

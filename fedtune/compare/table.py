@@ -77,7 +77,8 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 @dataclass(frozen=True)
 class Difference:
     """Of one figure between two groups: the mean of the first minus the second's,
-    against two standard errors of that difference (unpaired, over seeds)."""
+    against two standard errors of that difference (unpaired, over seeds; NaN
+    where a group has one seed)."""
 
     difference: float
     two_se: float
@@ -188,14 +189,14 @@ def _changes_table(groups: list[Group], baseline: tuple[str, str], metric: str) 
         return tuple(sorted((a, v) for a, v in g.values.items() if a != axis))
 
     bases = {others(g): g for g in groups if g.values.get(axis) == value}
-    changes = {g.name: Difference.of(g, bases[others(g)], "final_score")
-               for g in groups if g.values.get(axis) != value and others(g) in bases}
+    changes = {g.name: Difference.of(g, base, "final_score") or Difference(g.mean("final_score") - base.mean("final_score"), math.nan)
+               for g in groups if g.values.get(axis) != value and (base := bases.get(others(g)))}
     lines = [f"| cell | final {metric}: change from {axis} = {value} (2 SE) |", "|---|---:|"]
     lines += [f"| {name} | {_difference(d)} |" for name, d in changes.items()]
     lines += ["", f"| pair, at the same {axis} | difference of the changes (2 SE) |", "|---|---:|"]
     by_value: dict[str, list[Group]] = {}
     for g in groups:
-        if g.name in changes and changes[g.name] is not None:
+        if g.name in changes:
             by_value.setdefault(g.values[axis], []).append(g)
     for same in by_value.values():
         same.sort(key=lambda g: changes[g.name].difference, reverse=True)
@@ -208,6 +209,8 @@ def _changes_table(groups: list[Group], baseline: tuple[str, str], metric: str) 
 def _difference(d: Difference | None) -> str:
     if d is None:
         return "-"
+    if math.isnan(d.two_se):  # a group of one seed: no spread to test against
+        return f"{d.difference:+.3f} (one seed)"
     text = f"{d.difference:+.3f} ({d.two_se:.3f})"
     return f"**{text}**" if d.exceeds else text
 
