@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -24,9 +25,13 @@ def main(argv: list[str] | None = None) -> int:
     run.set_defaults(func=_run)
     compare = sub.add_parser("compare", help="run a grid of federated runs and compare accuracy against bytes")
     compare.add_argument("config", help="compare file: [compare], [grid] and friends (see simulations/compare.toml)")
-    compare.add_argument("--list", action="store_true", help="list the grid's cells and exit")
-    compare.add_argument("--report", action="store_true",
-                         help="write the report from the cells finished so far and run nothing (a grid run in pieces)")
+    only_one = compare.add_mutually_exclusive_group()
+    only_one.add_argument("--list", action="store_true", help="list the grid's cells and exit")
+    only_one.add_argument("--report", action="store_true",
+                          help="write the report from the cells finished so far and run nothing (a grid run in pieces)")
+    only_one.add_argument("--only", action="append", metavar="TEXT",
+                          help="run only the cells whose label contains TEXT (repeatable; --list shows the labels), "
+                               "then report every cell finished")
     compare.set_defaults(func=_compare)
     _deploy_parsers(sub)
     args = parser.parse_args(argv)
@@ -191,11 +196,18 @@ def _compare(args: argparse.Namespace) -> int:
         for cell in comparison.cells:
             print(f"  {cell.label}: {' '.join(cell.overrides)}  [{cell_dir(comparison, cell)}]")
         return 0
-    if args.report:
+    if args.report or args.only:
+        failed = {}
+        if args.only:
+            chosen = [cell for cell in comparison.cells if any(text in cell.label for text in args.only)]
+            if not chosen:
+                raise FedtuneError(f"--only {' / '.join(args.only)!r} matches no cell's label; --list shows them")
+            failed = {r.cell.label: r for r in run_cells(dataclasses.replace(comparison, cells=chosen)) if r.run_dir is None}
         results = finished_cells(comparison)
-        done = {r.cell.label for r in results}
+        done = {r.cell.label for r in results} | set(failed)
         pending = [cell.label for cell in comparison.cells if cell.label not in done]
         print(f"{len(results)} of {len(comparison.cells)} cells finished")
+        results += failed.values()
     else:
         results, pending = run_cells(comparison), []
     report = write_report(comparison, results, pending)

@@ -251,6 +251,20 @@ def test_report_of_a_grid_run_in_pieces_has_the_finished_cells_and_names_the_res
         assert [(r["cell"], r["seed"]) for r in csv.DictReader(f)] == [("fedit", "0"), ("fedit", "1"), ("fed_sb", "0")]
 
 
+def test_only_runs_the_cells_it_names_and_reports_every_finished_one(tmp_path, capsys):
+    path = compare_file(tmp_path, '[grid]\nmethod = ["fedit", "fed_sb"]\nseed = [0, 1]\n')
+    comparison = load_comparison(path)
+    for seed, cell in enumerate(comparison.cells[:2]):  # fedit seeds 0 and 1
+        _synthetic_run(comparison.output_dir / "cells", cell.slug, [0.5, 0.7 + seed / 10], 1000, seed)
+    assert main(["compare", str(path), "--only", "fedit"]) == 0  # both finished: nothing runs
+    out = capsys.readouterr().out
+    assert "[1/2] fedit seed 0: finished earlier" in out and "[2/2] fedit seed 1: finished earlier" in out
+    assert "running" not in out and not list((comparison.output_dir / "cells").glob("fed_sb*"))
+    assert "2 of 4 cells finished" in out and "Not run yet (2; `fedtune compare` runs them): fed_sb seed 0, fed_sb seed 1." in out
+    assert main(["compare", str(path), "--only", "fedkseed"]) == 2
+    assert capsys.readouterr().err == "error: --only 'fedkseed' matches no cell's label; --list shows them\n"
+
+
 @pytest.mark.integration
 def test_interrupted_grid_resumes_where_it_stopped(tmp_path):
     """SIGKILL `fedtune compare` while its second cell runs; rerun it: the first cell
