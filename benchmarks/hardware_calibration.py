@@ -24,12 +24,7 @@ from transformers import AutoTokenizer
 
 from fedtune.config import load_config
 from fedtune.hardware.catalogue import DeviceProfile
-from fedtune.hardware.cost import (
-    FRAMEWORK_BYTES,
-    ModelShape,
-    compute_seconds,
-    peak_memory,
-)
+from fedtune.hardware.cost import FRAMEWORK_BYTES, ModelShape, compute_seconds, peak_memory
 from fedtune.methods import ClientJob, get_method
 from fedtune.models import resolve_model_path
 from fedtune.task import client_data, load_model

@@ -19,12 +19,7 @@ from fedtune.codecs.spec import parse_chain
 from fedtune.devices import DTYPES, valid_device
 from fedtune.errors import FedtuneError, require
 from fedtune.hardware.catalogue import load_catalogue
-from fedtune.methods.options import (
-    DEFAULT_METHOD,
-    FedKSeedSection,
-    FedSBSection,
-    FLoRASection,
-)
+from fedtune.methods.options import DEFAULT_METHOD, FedKSeedSection, FedSBSection, FLoRASection
 
 
 @dataclass(frozen=True)

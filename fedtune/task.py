@@ -13,12 +13,7 @@ import numpy as np
 import torch
 
 from fedtune.config import RunConfig, from_dict
-from fedtune.data import (
-    has_test_split,
-    load_text_dataset,
-    server_split,
-    split_train_test,
-)
+from fedtune.data import has_test_split, load_text_dataset, server_split, split_train_test
 from fedtune.devices import resolve_device
 from fedtune.models import load_classifier
 from fedtune.partition import partition_indices

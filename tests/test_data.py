@@ -10,12 +10,7 @@ import pytest
 
 from fedtune import data
 from fedtune.config import DataSection
-from fedtune.data import (
-    TextDataset,
-    load_text_dataset,
-    majority_class_accuracy,
-    split_train_test,
-)
+from fedtune.data import TextDataset, load_text_dataset, majority_class_accuracy, split_train_test
 from fedtune.errors import FedtuneError
 
 

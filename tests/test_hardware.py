@@ -9,13 +9,7 @@ from conftest import small_config
 
 from fedtune.errors import FedtuneError
 from fedtune.hardware.catalogue import DeviceProfile, load_catalogue
-from fedtune.hardware.cost import (
-    FRAMEWORK_BYTES,
-    ModelShape,
-    compute_seconds,
-    peak_memory,
-    transfer_seconds,
-)
+from fedtune.hardware.cost import FRAMEWORK_BYTES, ModelShape, compute_seconds, peak_memory, transfer_seconds
 from fedtune.hardware.fleet import Fleet
 from fedtune.hardware.planner import plan_client
 from fedtune.hardware.profiles import assign_devices

@@ -19,12 +19,7 @@ from fedtune.privacy.dp_sgd import DPSGD, make_private
 from fedtune.report.run_dir import create_run_dir
 from fedtune.simulation import run_simulation
 from fedtune.task import client_data, load_model, load_splits
-from fedtune.tasks.instruct import (
-    IGNORE,
-    InstructDataset,
-    load_instruct_dataset,
-    rouge_l,
-)
+from fedtune.tasks.instruct import IGNORE, InstructDataset, load_instruct_dataset, rouge_l
 
 
 def _data(*rows) -> InstructDataset:

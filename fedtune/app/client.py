@@ -28,12 +28,7 @@ from fedtune.errors import FedtuneError
 from fedtune.hardware.profiles import device_names
 from fedtune.methods.base import ClientJob
 from fedtune.methods.registry import get_method
-from fedtune.methods.replicas import (
-    ReplicaStore,
-    digest_tensor,
-    run_directory,
-    tensor_digest,
-)
+from fedtune.methods.replicas import ReplicaStore, digest_tensor, run_directory, tensor_digest
 from fedtune.privacy.factory import client_privacy
 from fedtune.task import client_data, config_from_json, load_model
 from fedtune.wire import TensorDict

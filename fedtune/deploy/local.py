@@ -27,14 +27,7 @@ from pathlib import Path
 from fedtune.deploy import certs, probe
 from fedtune.deploy.flwr_cli import FlwrCli, flower_env
 from fedtune.deploy.submit import run_to_end
-from fedtune.deploy.topology import (
-    Processes,
-    free_port,
-    superlink_command,
-    supernode_command,
-    wait_for,
-    worker_command,
-)
+from fedtune.deploy.topology import Processes, free_port, superlink_command, supernode_command, wait_for, worker_command
 
 SUPERLINK = "superlink"
 READY_S = 180.0  # SuperNodes import Flower, workers torch and transformers: slow on a busy machine

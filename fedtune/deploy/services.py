@@ -11,13 +11,7 @@ from pathlib import Path
 
 from fedtune.deploy import certs, probe
 from fedtune.deploy.flwr_cli import flower_env
-from fedtune.deploy.topology import (
-    Processes,
-    stop_on_sigterm,
-    superlink_command,
-    supernode_command,
-    worker_command,
-)
+from fedtune.deploy.topology import Processes, stop_on_sigterm, superlink_command, supernode_command, worker_command
 from fedtune.errors import FedtuneError
 
 REFUSED = "Failed to activate SuperNode"  # Flower's log line when the SuperLink rejects a node's key

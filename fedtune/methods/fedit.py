@@ -9,12 +9,7 @@ from pathlib import Path
 
 from peft import PeftModel
 
-from fedtune.methods.adapters import (
-    load_trainable_state,
-    save_adapter,
-    trainable_state,
-    wrap_with_lora,
-)
+from fedtune.methods.adapters import load_trainable_state, save_adapter, trainable_state, wrap_with_lora
 from fedtune.methods.base import ClientJob, LocalResult
 from fedtune.methods.lora import AveragedAdapter, train_adapter
 from fedtune.tasks import Learner

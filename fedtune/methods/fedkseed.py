@@ -42,14 +42,7 @@ from fedtune import zeroth_order as zo
 from fedtune.devices import computing_on
 from fedtune.errors import FedtuneError
 from fedtune.methods.adapters import lora_layers, temporarily_wrapped
-from fedtune.methods.base import (
-    ClientJob,
-    ClientUpdate,
-    LocalResult,
-    Method,
-    TensorSpec,
-    UplinkSpec,
-)
+from fedtune.methods.base import ClientJob, ClientUpdate, LocalResult, Method, TensorSpec, UplinkSpec
 from fedtune.methods.replay import RoundLog, catch_up, nbytes
 from fedtune.rounds.release import Release
 from fedtune.task import derive_seed

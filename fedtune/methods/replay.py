@@ -29,12 +29,7 @@ import torch
 from torch import nn
 
 from fedtune.errors import FedtuneError
-from fedtune.methods.replicas import (
-    ReplicaStore,
-    content_digest,
-    digest_tensor,
-    tensor_digest,
-)
+from fedtune.methods.replicas import ReplicaStore, content_digest, digest_tensor, tensor_digest
 from fedtune.wire import TensorDict
 
 CATCHUP = "catchup"

@@ -12,14 +12,7 @@ from typing import Any
 
 from fedtune.config import RunConfig
 from fedtune.report.plots import plot_score_vs_bytes
-from fedtune.report.rows import (
-    SUMMARY,
-    RoundRow,
-    RunSummary,
-    read_rows,
-    read_summary,
-    to_json,
-)
+from fedtune.report.rows import SUMMARY, RoundRow, RunSummary, read_rows, read_summary, to_json
 from fedtune.tasks import EvalResult, Generation
 
 GENERATIONS = "generations.jsonl"

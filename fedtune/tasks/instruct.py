@@ -27,12 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    PreTrainedTokenizerBase,
-)
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from fedtune.config import InstructSection, ModelSection
 from fedtune.data import read_frame
@@ -257,9 +252,7 @@ class LanguageModel:
 
 def rouge_l(predictions: list[str], references: list[str]) -> float:
     """Mean Rouge-L F-measure (rouge-score, with stemming)."""
-    from rouge_score import (
-        rouge_scorer,  # loads nltk: only where generations are scored
-    )
+    from rouge_score import rouge_scorer  # loads nltk: only where generations are scored
 
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     return float(np.mean([scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)]))
