@@ -221,6 +221,10 @@ def test_changes_from_a_baseline_say_which_cell_loses_least(tmp_path):
     assert "| cell | final accuracy: change from privacy = none (2 SE) |" in table
     assert "| fedit sample DP eps 8 | **-0.200 (0.028)** |" in table and "| fed_sb sample DP eps 8 | -0.030 (0.040) |" in table
     assert "| fed_sb sample DP eps 8 − fedit sample DP eps 8 | **+0.170 (0.049)** |" in table
+    # The pairwise table holds the pairs that differ in one axis: 4 of the 6.
+    pairs = [line.split(" | ")[0].strip("| ") for line in table.split("| pair | final accuracy")[1].split("\n\n")[0].splitlines()[2:]]
+    assert pairs == ["fed_sb no DP − fed_sb sample DP eps 8", "fed_sb no DP − fedit no DP",
+                     "fed_sb sample DP eps 8 − fedit sample DP eps 8", "fedit no DP − fedit sample DP eps 8"]
     assert "| fedit no DP |" not in table.split("change from privacy")[1]  # the baseline cells have no change
     # With one seed the changes are shown without a spread, and none is in bold.
     write_report(comparison, [r for r in results if r.cell.values["seed"] == "0"])

@@ -165,13 +165,16 @@ def markdown(groups: list[Group], failed: dict[str, str], refused: dict[str, str
 
 
 def _differences_table(groups: list[Group], metric: str) -> str:
-    """Every pair of groups, the higher-scoring first: the differences of their
+    """Every pair of groups that differ in one axis (the others held equal, so the
+    difference is that axis's), the higher-scoring first: the differences of their
     final score and final loss, each with two standard errors, in bold where it
     exceeds them."""
     ranked = sorted(groups, key=lambda g: g.mean("final_score"), reverse=True)
     lines = [f"| pair | final {metric}: difference (2 SE) | final loss: difference (2 SE) |", "|---|---:|---:|"]
     for i, a in enumerate(ranked):
         for b in ranked[i + 1:]:
+            if sum(a.values.get(axis) != b.values.get(axis) for axis in a.values.keys() | b.values.keys()) > 1:
+                continue
             cells = [_difference(Difference.of(a, b, key)) for key in ("final_score", "final_loss")]
             lines.append(f"| {a.name} − {b.name} | {cells[0]} | {cells[1]} |")
     return "\n".join([*lines, "", "A difference in bold exceeds two standard errors of the difference (unpaired, "
